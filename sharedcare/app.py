@@ -1,0 +1,76 @@
+"""Assemble the ASGI app: settings → database → store → routes (STYLE §7: explicit dependencies)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import structlog
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.routing import BaseRoute, Route
+
+from sharedcare import __version__
+from sharedcare.fhir.responses import EXCEPTION_HANDLERS
+from sharedcare.metrics.health import health_routes
+from sharedcare.metrics.middleware import MetricsMiddleware, RequestIdMiddleware
+from sharedcare.settings import Settings, load_settings
+from sharedcare.store import migrate
+from sharedcare.store.capability import metadata
+from sharedcare.store.db import Database
+from sharedcare.store.repository import Store
+from sharedcare.store.routes import store_routes
+from sharedcare.store.service import FhirService
+
+log = structlog.get_logger("sharedcare.app")
+
+
+def create_app(settings: Settings | None = None) -> Starlette:
+    """The hub's ASGI app; collaborators are built in the lifespan and kept on ``app.state``."""
+    settings = settings or load_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        db = Database(
+            settings.database,
+            pool_size=settings.db_pool_size,
+            sqlite_synchronous=settings.sqlite_synchronous,
+        )
+        if settings.auto_migrate:
+            await migrate.upgrade(db)
+        settings.objects_dir.mkdir(parents=True, exist_ok=True)
+        store = Store(db)
+        app.state.db = db
+        app.state.fhir = FhirService(
+            store,
+            fhir_base=settings.fhir_base,
+            default_count=settings.default_page_size,
+            max_count=settings.max_page_size,
+        )
+        log.info("hub started", version=__version__, database=db.dialect, base_url=settings.public_base_url)
+        try:
+            yield
+        finally:
+            await db.close()
+
+    async def readiness() -> tuple[bool, dict[str, Any]]:
+        db: Database = app.state.db
+        await db.ping()
+        current = await migrate.is_current(db)
+        return current, {"database": "ok", "migrations": "current" if current else "pending"}
+
+    routes: list[BaseRoute] = [
+        *health_routes(readiness),
+        Route("/fhir/metadata", metadata, methods=["GET"]),
+        *store_routes(),
+    ]
+    app = Starlette(
+        routes=routes,
+        middleware=[Middleware(RequestIdMiddleware), Middleware(MetricsMiddleware)],
+        exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.capability = None
+    return app

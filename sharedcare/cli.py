@@ -1,0 +1,190 @@
+"""The ``sharedcare`` command: serve, db, demo (thin adapters over the capabilities)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from sharedcare import __version__
+from sharedcare.settings import Settings, load_settings
+
+app = typer.Typer(
+    help="sharedcare: a regional health and care record-sharing hub.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+db_app = typer.Typer(help="Database migrations.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+console = Console(stderr=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"sharedcare {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_callback(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    """sharedcare: a regional health and care record-sharing hub."""
+
+
+def _settings(**overrides: object) -> Settings:
+    try:
+        return load_settings(**overrides)
+    except ValueError as exc:  # pydantic's ValidationError is a ValueError
+        console.print(f"[red]Invalid settings:[/red] {exc}")
+        raise typer.Exit(2) from None
+
+
+async def _upgrade(settings: Settings) -> tuple[str | None, str | None]:
+    from sharedcare.store import migrate
+    from sharedcare.store.db import Database
+
+    db = Database(settings.database, sqlite_synchronous=settings.sqlite_synchronous)
+    try:
+        return await migrate.upgrade(db)
+    finally:
+        await db.close()
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Apply every pending migration (safe to run again)."""
+    settings = _settings()
+    with console.status("Applying database migrations…"):
+        before, after = asyncio.run(_upgrade(settings))
+    if before == after:
+        console.print(f"Database already at revision {after}.")
+    else:
+        console.print(f"Database migrated from {before or 'empty'} to {after}.")
+
+
+@db_app.command("downgrade")
+def db_downgrade(revision: Annotated[str, typer.Argument(help="Target revision, or 'base'.")]) -> None:
+    """Roll migrations back to REVISION."""
+    from sharedcare.store import migrate
+    from sharedcare.store.db import Database
+
+    settings = _settings()
+
+    async def run() -> tuple[str | None, str | None]:
+        db = Database(settings.database)
+        try:
+            return await migrate.downgrade(db, revision)
+        finally:
+            await db.close()
+
+    with console.status(f"Rolling back to {revision}…"):
+        before, after = asyncio.run(run())
+    console.print(f"Database moved from {before} to {after or 'base'}.")
+
+
+@db_app.command("current")
+def db_current() -> None:
+    """Show the database's revision and the latest one this release knows."""
+    from sharedcare.store import migrate
+    from sharedcare.store.db import Database
+
+    settings = _settings()
+
+    async def run() -> str | None:
+        db = Database(settings.database)
+        try:
+            return await migrate.current_revision(db)
+        finally:
+            await db.close()
+
+    current = asyncio.run(run())
+    head = migrate.head_revision()
+    state = "current" if current == head else "pending upgrade"
+    print(f"database: {current or 'empty'}  latest: {head}  ({state})")
+
+
+def run_server(settings: Settings) -> None:
+    """Migrate once, then run uvicorn with the configured workers."""
+    import uvicorn
+
+    from sharedcare.logs import configure_logging
+    from sharedcare.metrics.registry import setup_multiprocess_dir
+
+    configure_logging(settings.log_level, json=settings.log_json)
+    if settings.auto_migrate:
+        asyncio.run(_upgrade(settings))
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    # Worker processes rebuild settings from the environment; pass what the flags decided,
+    # and let only this parent migrate (concurrent migrations would race).
+    env = {
+        "SHAREDCARE_HOST": settings.host,
+        "SHAREDCARE_PORT": str(settings.port),
+        "SHAREDCARE_DATA_DIR": str(settings.data_dir),
+        "SHAREDCARE_AUTO_MIGRATE": "false",
+    }
+    if settings.base_url:
+        env["SHAREDCARE_BASE_URL"] = settings.base_url
+    os.environ.update(env)
+    if settings.workers > 1:
+        setup_multiprocess_dir(settings.data_dir / "prometheus")
+    uvicorn.run(
+        "sharedcare.app:create_app",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        workers=settings.workers,
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+    )
+
+
+@app.command()
+def serve(
+    host: Annotated[Optional[str], typer.Option(help="Interface to listen on.")] = None,
+    port: Annotated[Optional[int], typer.Option(help="TCP port.")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="Worker processes.")] = None,
+) -> None:
+    """Run the hub's HTTP API (FHIR, health, metrics)."""
+    run_server(_settings(host=host, port=port, workers=workers))
+
+
+@app.command()
+def demo(
+    port: Annotated[int, typer.Option(help="TCP port for the hub.")] = 8080,
+    data_dir: Annotated[Path, typer.Option(help="Folder for the demo's database and files.")] = Path(
+        "sharedcare-demo"
+    ),
+    people: Annotated[int, typer.Option(help="Sample people to load on first start.")] = 200,
+) -> None:
+    """Start the hub on its embedded default (SQLite, local folder) with sample data."""
+    from sharedcare.demo import load_sample_data
+
+    settings = _settings(port=port, data_dir=data_dir)
+    asyncio.run(_upgrade(settings))
+    loaded = asyncio.run(load_sample_data(settings, people, console))
+    base = settings.fhir_base
+    console.print(
+        f"\n[bold green]sharedcare {__version__}[/bold green] demo on the embedded default\n"
+        f"  FHIR base:   {base}\n"
+        f"  data folder: {settings.data_dir.resolve()}\n"
+        f"  sample data: {loaded}\n\n"
+        f"Try:\n  curl -s '{base}/Patient?family=smith&_count=5'\n"
+        f"  curl -s '{base}/metadata' | head -c 300\n\nCtrl-C stops the hub.\n"
+    )
+    run_server(settings)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

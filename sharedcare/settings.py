@@ -1,0 +1,133 @@
+"""One typed, frozen settings object, read once from ``SHAREDCARE_*`` and an optional file.
+
+Precedence (highest first): keyword arguments (the CLI's flags), environment variables,
+the TOML file named by ``SHAREDCARE_CONFIG_FILE``, then the defaults below. The README's
+settings table is kept complete by ``tests/test_docs.py``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+ENV_PREFIX = "SHAREDCARE_"
+CONFIG_FILE_ENV = "SHAREDCARE_CONFIG_FILE"
+
+
+class Settings(BaseSettings):
+    """Every setting of a hub process. Field descriptions are the operator documentation."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="forbid")
+
+    config_file: Path | None = Field(
+        None, description="Optional TOML file with any of these settings (lower-case names)."
+    )
+    data_dir: Path = Field(
+        Path("sharedcare-data"),
+        description="Folder for the embedded SQLite database, object storage and demo files.",
+    )
+    database_url: str | None = Field(
+        None,
+        description=(
+            "SQLAlchemy URL of the database. Unset: SQLite at DATA_DIR/sharedcare.db. "
+            "PostgreSQL: postgresql+asyncpg://user@host:5432/db."
+        ),
+    )
+    object_store_dir: Path | None = Field(
+        None, description="Folder used as object storage. Unset: DATA_DIR/objects."
+    )
+    host: str = Field("127.0.0.1", description="Interface `sharedcare serve` listens on.")
+    port: int = Field(8080, ge=0, le=65535, description="TCP port `sharedcare serve` listens on.")
+    workers: int = Field(1, ge=1, le=64, description="Hub worker processes for `serve`.")
+    base_url: str | None = Field(
+        None,
+        description="Public base URL used in links and fullUrls. Unset: http://HOST:PORT.",
+    )
+    auto_migrate: bool = Field(
+        True, description="Apply database migrations at start-up (`sharedcare db upgrade`)."
+    )
+    db_pool_size: int = Field(10, ge=1, le=200, description="Database connections per process.")
+    sqlite_synchronous: Literal["OFF", "NORMAL", "FULL", "EXTRA"] = Field(
+        "NORMAL",
+        description=(
+            "SQLite `synchronous` pragma. NORMAL (WAL) survives a killed process; "
+            "FULL also survives power loss."
+        ),
+    )
+    max_body_bytes: int = Field(
+        16 * 1024 * 1024, ge=1024, description="Largest request body accepted (413 above it)."
+    )
+    default_page_size: int = Field(50, ge=1, description="Search page size when `_count` is absent.")
+    max_page_size: int = Field(1000, ge=1, description="Largest `_count` honoured.")
+    max_bundle_entries: int = Field(
+        5000, ge=1, description="Most entries accepted in one batch or transaction Bundle."
+    )
+    log_level: Literal["debug", "info", "warning", "error", "fatal"] = Field(
+        "info", description="Lowest log level written."
+    )
+    log_json: bool = Field(True, description="Write logs as JSON lines (false: console format).")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = os.environ.get(CONFIG_FILE_ENV)
+        if path:
+            if not Path(path).is_file():
+                raise ValueError(f"{CONFIG_FILE_ENV}={path} does not name a readable file")
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        return tuple(sources)
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.default_page_size > self.max_page_size:
+            raise ValueError("default_page_size must not exceed max_page_size")
+        return self
+
+    # Derived values: computed here once so every capability agrees on them.
+    @property
+    def database(self) -> str:
+        """The effective database URL."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+aiosqlite:///{(self.data_dir / 'sharedcare.db').resolve()}"
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database.startswith("sqlite")
+
+    @property
+    def objects_dir(self) -> Path:
+        return self.object_store_dir or self.data_dir / "objects"
+
+    @property
+    def public_base_url(self) -> str:
+        """Base URL without a trailing slash; follows host and port unless set."""
+        if self.base_url:
+            return self.base_url.rstrip("/")
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        return f"http://{host}:{self.port}"
+
+    @property
+    def fhir_base(self) -> str:
+        return f"{self.public_base_url}/fhir"
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read settings from the environment and optional file, with explicit overrides on top."""
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})

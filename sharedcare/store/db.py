@@ -1,0 +1,142 @@
+"""Database access for every capability: one engine per process, one writer on SQLite.
+
+Reads and writes go through :class:`Database`. Writes run as a function of a connection
+inside one transaction (:meth:`Database.write`), so that the business write, its search
+index, its change-log row and any outbox item commit together or not at all. Driver
+errors are translated here, at the edge (STYLE §3): unique violation → 409,
+serialization failure/deadlock → retried, statement timeout → 504, SQLite busy → 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import structlog
+from sqlalchemy import event, text
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from sharedcare.fhir.errors import FHIRError
+
+T = TypeVar("T")
+log = structlog.get_logger("sharedcare.store")
+
+_RETRYABLE_PG = {"40001", "40P01"}  # serialization_failure, deadlock_detected
+_WRITE_ATTEMPTS = 5
+
+
+def _sqlstate(exc: DBAPIError) -> str | None:
+    orig = exc.orig
+    for attr in ("sqlstate", "pgcode"):
+        code = getattr(orig, attr, None) or getattr(getattr(orig, "__cause__", None), attr, None)
+        if code:
+            return str(code)
+    return None
+
+
+def translate_error(exc: DBAPIError) -> FHIRError | None:
+    """Map a driver error to the FHIRError a client should see, or None to re-raise."""
+    state = _sqlstate(exc)
+    message = str(exc.orig).lower()
+    if isinstance(exc, IntegrityError) or state == "23505" or "unique constraint" in message:
+        return FHIRError.of(409, "conflict", "A concurrent write changed this resource; retry.")
+    if state == "57014":
+        return FHIRError.of(504, "timeout", "The database did not answer in time; retry later.")
+    if isinstance(exc, OperationalError) and "database is locked" in message:
+        return FHIRError.of(
+            503, "transient", "The database is busy; retry shortly.", headers={"Retry-After": "1"}
+        )
+    return None
+
+
+class Database:
+    """The process's database engines and the one way to run a write transaction."""
+
+    def __init__(self, url: str, *, pool_size: int = 10, sqlite_synchronous: str = "NORMAL"):
+        self.url = url
+        self.dialect = "sqlite" if url.startswith("sqlite") else "postgresql"
+        if self.dialect == "sqlite":
+            self._prepare_sqlite_path(url)
+            self.engine = self._sqlite_engine(url, sqlite_synchronous, immediate=False)
+            # One writer connection with BEGIN IMMEDIATE: SQLite allows one writer at a time,
+            # and taking the lock at BEGIN avoids deadlocking read→write upgrades
+            # (the datasette `execute_write_fn` idea, STYLE §4).
+            self.write_engine = self._sqlite_engine(url, sqlite_synchronous, immediate=True)
+            self._write_lock: asyncio.Lock | None = asyncio.Lock()
+        else:
+            self.engine = create_async_engine(
+                url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=False
+            )
+            self.write_engine = self.engine
+            self._write_lock = None
+
+    @staticmethod
+    def _prepare_sqlite_path(url: str) -> None:
+        path = url.split("///", 1)[-1]
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+
+    @staticmethod
+    def _sqlite_engine(url: str, synchronous: str, *, immediate: bool) -> AsyncEngine:
+        # The writer keeps one connection (writes are serialised anyway); readers pool a few.
+        engine = create_async_engine(url, pool_size=1 if immediate else 8, max_overflow=0)
+
+        @event.listens_for(engine.sync_engine, "connect")
+        def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+            # Let SQLAlchemy's "begin" event issue BEGIN itself (pysqlite's implicit BEGIN
+            # is DEFERRED and would hide our IMMEDIATE).
+            dbapi_conn.isolation_level = None
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute(f"PRAGMA synchronous={synchronous}")
+            cur.execute("PRAGMA busy_timeout=10000")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+        @event.listens_for(engine.sync_engine, "begin")
+        def _on_begin(conn: Any) -> None:
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+        return engine
+
+    @asynccontextmanager
+    async def read(self) -> AsyncIterator[AsyncConnection]:
+        """A connection for reads (its own short transaction)."""
+        try:
+            async with self.engine.connect() as conn:
+                yield conn
+        except DBAPIError as exc:
+            raise translate_error(exc) or exc from None
+
+    async def write(self, fn: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+        """Run ``fn(conn)`` in one transaction; retry it on serialization failures."""
+        for attempt in range(1, _WRITE_ATTEMPTS + 1):
+            try:
+                if self._write_lock is not None:
+                    async with self._write_lock:
+                        return await self._run_write(fn)
+                return await self._run_write(fn)
+            except DBAPIError as exc:
+                if self.dialect == "postgresql" and _sqlstate(exc) in _RETRYABLE_PG:
+                    if attempt < _WRITE_ATTEMPTS:
+                        await asyncio.sleep(0.005 * 2**attempt)
+                        continue
+                raise translate_error(exc) or exc from None
+        raise AssertionError("unreachable")
+
+    async def _run_write(self, fn: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+        async with self.write_engine.begin() as conn:
+            return await fn(conn)
+
+    async def ping(self) -> None:
+        async with self.engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+        if self.write_engine is not self.engine:
+            await self.write_engine.dispose()
