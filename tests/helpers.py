@@ -31,3 +31,62 @@ def patient(family: str = "Smith", given: str = "Jo", nhs: str | None = None, **
     }
     body.update(extra)
     return body
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class RunningHub:
+    """A real ``sharedcare serve`` process on a free port (a real socket, real uvicorn)."""
+
+    def __init__(self, env: dict[str, str], workers: int = 1):
+        import os
+        import sys
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {
+            **os.environ,
+            "SHAREDCARE_LOG_LEVEL": "warning",
+            **env,
+            "SHAREDCARE_PORT": str(self.port),
+            "SHAREDCARE_WORKERS": str(workers),
+        }
+        self.argv = [sys.executable, "-m", "sharedcare.cli", "serve"]
+        self.proc: Any = None
+
+    def __enter__(self) -> RunningHub:
+        import subprocess
+        import time
+
+        import httpx
+
+        self.proc = subprocess.Popen(self.argv, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"hub exited: {self.proc.stderr.read().decode()[-2000:]}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        self.__exit__()
+        raise RuntimeError("hub did not become ready in 30 s")
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except Exception:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc and self.proc.stderr:
+            self.proc.stderr.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from alembic import command
@@ -13,6 +14,8 @@ from sqlalchemy import Connection
 from sharedcare.store.db import Database
 
 MIGRATIONS = Path(__file__).with_name("migrations")
+# Alembic narrates every connection at INFO; the CLI and app report the outcome themselves.
+logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 def alembic_config() -> Config:
