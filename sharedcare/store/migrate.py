@@ -13,6 +13,10 @@ from sqlalchemy import Connection
 
 from sharedcare.store.db import Database
 
+# Every capability's tables live on one metadata and one migration history: import them
+# here so that whoever migrates (or truncates, in tests) sees all of them.
+import sharedcare.queue.schema  # noqa: E402,F401,I001
+
 MIGRATIONS = Path(__file__).with_name("migrations")
 # Alembic narrates every connection at INFO; the CLI and app report the outcome themselves.
 logging.getLogger("alembic").setLevel(logging.WARNING)

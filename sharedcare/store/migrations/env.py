@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from alembic import context
 
+import sharedcare.store.migrate  # noqa: F401 - registers every capability's tables
 from sharedcare.store.schema import metadata
 
 connection = context.config.attributes.get("connection")

@@ -1,0 +1,1 @@
+"""Durable queue and transactional outbox; worker loop; retry with backoff; dead letters."""

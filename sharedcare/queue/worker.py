@@ -1,0 +1,109 @@
+"""The worker loop: claim a batch, run the handler on each item, complete or retry.
+
+A handler is ``async def handle(item) -> None``; raising :class:`Retry` (or any exception)
+schedules another attempt with backoff, raising :class:`Permanent` dead-letters at once.
+Workers run inside ``sharedcare serve`` on the embedded default and as ``sharedcare
+worker`` processes at scale; several may serve one queue (claims never overlap).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from collections.abc import Awaitable, Callable
+
+import structlog
+
+from sharedcare.queue import store as q
+from sharedcare.store.db import Database
+
+log = structlog.get_logger("sharedcare.queue")
+Handler = Callable[[q.Item], Awaitable[None]]
+
+
+class Retry(Exception):
+    """A transient failure: try again later."""
+
+
+class Permanent(Exception):
+    """A failure retrying cannot fix: dead-letter the item."""
+
+
+class Worker:
+    """Polls one queue and runs ``handler`` on its items, ``concurrency`` at a time."""
+
+    def __init__(
+        self,
+        db: Database,
+        queue: str,
+        handler: Handler,
+        *,
+        backoff: q.Backoff | None = None,
+        concurrency: int = 16,
+        batch: int = 50,
+        lease: float = 30.0,
+        idle_poll: float = 0.2,
+    ):
+        self.db = db
+        self.queue = queue
+        self.handler = handler
+        self.backoff = backoff or q.Backoff()
+        self.concurrency = concurrency
+        self.batch = batch
+        self.lease = lease
+        self.idle_poll = idle_poll
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{queue}"
+        self._wake = asyncio.Event()
+        self._stopping = False
+
+    def wake(self) -> None:
+        """Poll now (called after an in-process enqueue, so latency is not the poll interval)."""
+        self._wake.set()
+
+    async def run_once(self) -> int:
+        """Claim and process one batch; returns how many items were processed."""
+        items = await q.claim(self.db, self.queue, limit=self.batch, lease=self.lease, owner=self.owner)
+        if not items:
+            return 0
+        semaphore = asyncio.Semaphore(self.concurrency)
+        done: list[int] = []
+
+        async def one(item: q.Item) -> None:
+            async with semaphore:
+                try:
+                    await self.handler(item)
+                except Permanent as exc:
+                    await q.fail(self.db, item, str(exc) or "permanent failure", self.backoff, permanent=True)
+                    log.error("queue item dead-lettered", queue=self.queue, item=item.id, error=str(exc))
+                except Exception as exc:  # noqa: BLE001 - any handler failure is retried
+                    state = await q.fail(self.db, item, f"{type(exc).__name__}: {exc}", self.backoff)
+                    log.info("queue item failed", queue=self.queue, item=item.id, state=state, error=str(exc))
+                else:
+                    done.append(item.id)
+
+        # Items of one partition must finish in order; claim hands out at most one per
+        # partition at a time, so running the batch concurrently keeps that order.
+        await asyncio.gather(*(one(item) for item in items))
+        await q.complete(self.db, done)
+        return len(items)
+
+    async def run(self) -> None:
+        """Process until :meth:`stop`; survives database hiccups with a pause."""
+        while not self._stopping:
+            try:
+                processed = await self.run_once()
+            except Exception:  # noqa: BLE001 - keep the worker alive; the error is logged
+                log.error("queue worker error", queue=self.queue, exc_info=True)
+                processed = 0
+                await asyncio.sleep(1)
+            if processed == 0:
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), self.idle_poll)
+                except TimeoutError:
+                    pass
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()

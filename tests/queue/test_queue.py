@@ -1,0 +1,156 @@
+"""The durable queue: outbox semantics, exclusive claims, order, backoff, dead letters."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from datetime import timedelta
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from sqlalchemy import update
+
+from sharedcare.queue import store as q
+from sharedcare.queue.schema import queue_items
+from sharedcare.queue.worker import Permanent, Worker
+from sharedcare.store import migrate
+from sharedcare.store.db import Database
+from sharedcare.store.repository import now_utc
+
+
+@pytest.fixture
+async def db(database_url: str):  # noqa: ANN201
+    database = Database(database_url)
+    await migrate.upgrade(database)
+    yield database
+    await database.close()
+
+
+async def put(db: Database, queue: str, n: int, **kw: object) -> None:
+    async def work(conn):  # noqa: ANN001, ANN202
+        for i in range(n):
+            await q.enqueue(conn, queue, {"n": i}, **kw)  # type: ignore[arg-type]
+
+    await db.write(work)
+
+
+async def test_enqueue_is_part_of_the_callers_transaction(db: Database) -> None:
+    class Boom(Exception):
+        pass
+
+    async def work(conn):  # noqa: ANN001, ANN202
+        await q.enqueue(conn, "t", {"n": 1})
+        raise Boom
+
+    with pytest.raises(Boom):
+        await db.write(work)
+    assert await q.claim(db, "t") == []  # rolled back with the business write
+
+
+async def test_same_key_is_queued_once(db: Database) -> None:
+    async def work(conn):  # noqa: ANN001, ANN202
+        return [await q.enqueue(conn, "t", {"n": i}, key="bundle-1") for i in range(3)]
+
+    assert await db.write(work) == [True, False, False]
+    assert [i.payload for i in await q.claim(db, "t")] == [{"n": 0}]
+
+
+async def test_concurrent_claimers_never_share_an_item(db: Database) -> None:
+    await put(db, "t", 200)
+    claimed: list[int] = []
+
+    async def claimer() -> None:
+        while items := await q.claim(db, "t", limit=7):
+            claimed.extend(i.id for i in items)
+
+    await asyncio.gather(*(claimer() for _ in range(4)))
+    assert len(claimed) == 200 and len(set(claimed)) == 200
+
+
+async def test_partition_items_are_handed_out_one_at_a_time_in_order(db: Database) -> None:
+    async def work(conn):  # noqa: ANN001, ANN202
+        for i in range(3):
+            await q.enqueue(conn, "t", {"n": i}, partition="a->b")
+        await q.enqueue(conn, "t", {"n": 99}, partition="c->d")
+
+    await db.write(work)
+    first = await q.claim(db, "t")
+    assert sorted(i.payload["n"] for i in first) == [0, 99]
+    assert await q.claim(db, "t") == []  # n=1 waits for n=0
+    zero = next(i for i in first if i.payload["n"] == 0)
+    # a retry keeps the later items waiting behind it
+    await q.fail(db, zero, "recipient down", q.Backoff(base=0.01, cap=0.01))
+    await asyncio.sleep(0.05)
+    again = await q.claim(db, "t")
+    assert [i.payload["n"] for i in again] == [0]
+    await q.complete(db, [again[0].id])
+    assert [i.payload["n"] for i in await q.claim(db, "t")] == [1]
+
+
+async def test_expired_lease_is_claimed_again(db: Database) -> None:
+    await put(db, "t", 1)
+    (item,) = await q.claim(db, "t", lease=30)
+    assert await q.claim(db, "t") == []
+
+    async def expire(conn):  # noqa: ANN001, ANN202
+        await conn.execute(update(queue_items).values(leased_until=now_utc() - timedelta(seconds=1)))
+
+    await db.write(expire)  # as if its worker had died
+    (again,) = await q.claim(db, "t")
+    assert again.id == item.id and again.attempts == 2
+
+
+async def test_failures_back_off_then_dead_letter_and_redrive(db: Database) -> None:
+    await put(db, "t", 1)
+    backoff = q.Backoff(base=0.01, cap=0.02, max_attempts=2)
+    (item,) = await q.claim(db, "t")
+    assert await q.fail(db, item, "timeout", backoff) == q.READY
+    assert await q.claim(db, "t") == []  # not before its backoff
+    await asyncio.sleep(0.05)
+    (item,) = await q.claim(db, "t")
+    assert await q.fail(db, item, "timeout again", backoff) == q.DEAD
+    info = await q.get(db, item.id)
+    assert info is not None and info["state"] == q.DEAD and info["last_error"] == "timeout again"
+    assert (await q.sizes(db))[("t", q.DEAD)] == 1
+    assert await q.redrive(db, item.id)
+    assert [i.id for i in await q.claim(db, "t")] == [item.id]
+
+
+async def test_expiry_dead_letters_regardless_of_attempts(db: Database) -> None:
+    await put(db, "t", 1)
+    (item,) = await q.claim(db, "t")
+    assert await q.fail(db, item, "down", q.Backoff(expire_after=0)) == q.DEAD
+
+
+async def test_worker_processes_retries_and_dead_letters(db: Database) -> None:
+    await put(db, "w", 30)
+    seen: dict[int, int] = {}
+
+    async def handler(item: q.Item) -> None:
+        n = item.payload["n"]
+        seen[n] = seen.get(n, 0) + 1
+        if n == 7:
+            raise Permanent("malformed")
+        if n % 5 == 0 and seen[n] == 1:
+            raise ConnectionError("flaky")
+
+    worker = Worker(db, "w", handler, backoff=q.Backoff(base=0.01, cap=0.02), idle_poll=0.02)
+    task = asyncio.create_task(worker.run())
+    for _ in range(200):
+        if len(seen) == 30 and all(seen[n] == 2 for n in range(0, 30, 5)):
+            break
+        await asyncio.sleep(0.02)
+    worker.stop()
+    await task
+    sizes = await q.sizes(db)
+    assert sizes == {("w", q.DEAD): 1}
+    assert seen[7] == 1 and seen[5] == 2 and seen[1] == 1
+
+
+@given(attempts=st.integers(min_value=1, max_value=60), base=st.floats(0.01, 10), cap=st.floats(0.1, 600))
+def test_backoff_is_bounded_and_jittered(attempts: int, base: float, cap: float) -> None:
+    backoff = q.Backoff(base=base, cap=cap)
+    ceiling = min(cap, base * 2 ** (attempts - 1))
+    delay = backoff.delay(attempts, random.Random(attempts))
+    assert ceiling / 2 <= delay <= ceiling <= cap
