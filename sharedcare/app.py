@@ -13,6 +13,7 @@ from starlette.routing import BaseRoute, Route
 
 from sharedcare import __version__
 from sharedcare.fhir.responses import EXCEPTION_HANDLERS
+from sharedcare.logs import configure_logging
 from sharedcare.metrics.health import health_routes
 from sharedcare.metrics.middleware import MetricsMiddleware, RequestIdMiddleware
 from sharedcare.settings import Settings, load_settings
@@ -29,6 +30,8 @@ log = structlog.get_logger("sharedcare.app")
 def create_app(settings: Settings | None = None) -> Starlette:
     """The hub's ASGI app; collaborators are built in the lifespan and kept on ``app.state``."""
     settings = settings or load_settings()
+    # Each uvicorn worker is a fresh process: configure its logging here, not only in the CLI.
+    configure_logging(settings.log_level, json=settings.log_json)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

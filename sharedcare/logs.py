@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json as _stdjson
 import logging
 import sys
-from typing import IO, Any, Final
+from typing import IO, Final
 
 import orjson
 import structlog
@@ -35,7 +36,9 @@ def get_logger(name: str) -> structlog.stdlib.BoundLogger:
     return structlog.stdlib.get_logger(name)
 
 
-def configure_logging(level: str = "info", json: bool = True, stream: IO[str] | None = None) -> None:
+def configure_logging(
+    level: str = "info", json: bool = True, stream: IO[str] | None = None
+) -> None:
     """Route structlog and all stdlib logging (uvicorn's too) through one renderer at *level*."""
     numeric = _parse_level(level)
     # Applied to every event: in the structlog chain for structlog calls and as foreign_pre_chain
@@ -66,14 +69,19 @@ def configure_logging(level: str = "info", json: bool = True, stream: IO[str] | 
         # Resolved per call, not at import, so a replaced sys.stderr (tests, daemons) is honoured;
         # stderr keeps stdout free for CLI output.
         stream = sys.stderr
-    final: list[Processor] = [structlog.stdlib.ProcessorFormatter.remove_processors_meta, _fatal_level]
+    final: list[Processor] = [
+        structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+        _fatal_level,
+    ]
     if json:
         final += [structlog.processors.format_exc_info, _render_json]
     else:
         # ConsoleRenderer formats exc_info itself and warns if format_exc_info ran before it.
         final.append(structlog.dev.ConsoleRenderer(colors=_isatty(stream)))
     handler = logging.StreamHandler(stream)
-    handler.setFormatter(structlog.stdlib.ProcessorFormatter(processors=final, foreign_pre_chain=shared))
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(processors=final, foreign_pre_chain=shared)
+    )
 
     root = logging.getLogger()
     # Exactly one handler: any other one (basicConfig, a library's) would print non-JSON lines,
@@ -99,7 +107,9 @@ def _parse_level(level: str) -> int:
     try:
         return LEVELS[name]
     except KeyError:
-        raise ValueError(f"unknown log level {level!r}; expected one of {', '.join(LEVELS)}") from None
+        raise ValueError(
+            f"unknown log level {level!r}; expected one of {', '.join(LEVELS)}"
+        ) from None
 
 
 def _fatal_level(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
@@ -112,14 +122,13 @@ def _fatal_level(_logger: WrappedLogger, _method: str, event_dict: EventDict) ->
 
 def _count_fatal() -> None:
     """Increment sharedcare_log_fatal_total without ever failing the log call."""
-    try:
+    # The fatal line itself matters more than its metric: never let counting break the log call.
+    with contextlib.suppress(Exception):
         # Imported here, not at module top, so that importing logging does not import
         # prometheus_client before the CLI has had a chance to set PROMETHEUS_MULTIPROC_DIR.
         from sharedcare.metrics.registry import get_metrics
 
         get_metrics().log_fatal_total.inc()
-    except Exception:  # noqa: BLE001 - the fatal line itself matters more than its metric
-        pass
 
 
 def _render_json(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> str:

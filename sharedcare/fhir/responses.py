@@ -75,7 +75,8 @@ async def server_error_handler(request: Request, exc: Exception) -> Response:
         f"The server could not complete the request. Quote request id {request_id} to the operator.",
         severity="fatal",
     )
-    return fhir_json(operation_outcome(issue), 500)
+    # Starlette's error middleware sits outside ours, so add the request id header here.
+    return fhir_json(operation_outcome(issue), 500, {"X-Request-ID": request_id} if request_id else None)
 
 
 EXCEPTION_HANDLERS = {

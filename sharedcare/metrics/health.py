@@ -37,7 +37,7 @@ def health_routes(readiness: Readiness, *, timeout: float | None = 5.0) -> list[
             # A hung dependency must turn into "not ready", not into a hung probe.
             with anyio.fail_after(timeout):
                 ready, details = await readiness()
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure means "not ready"
             # Only the class name goes out: messages can hold hosts, DSNs or SQL.
             _log.warning("readiness check raised", exc_info=True)
             return _json(503, {"status": "error", "error": type(exc).__name__})

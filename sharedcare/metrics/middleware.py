@@ -68,7 +68,9 @@ class MetricsMiddleware:
             if method not in _KNOWN_METHODS:
                 method = "OTHER"
             metrics.http_requests_total.labels(route=route, method=method, status=str(status)).inc()
-            metrics.http_request_duration_seconds.labels(route=route, method=method).observe(elapsed)
+            metrics.http_request_duration_seconds.labels(route=route, method=method).observe(
+                elapsed
+            )
 
 
 def route_template(scope: Scope, original_root_path: str | None = None) -> str:
@@ -183,7 +185,9 @@ class RequestIdMiddleware:
                 return value.decode("ascii") if _REQUEST_ID_RE.fullmatch(value) else None
         return None
 
-    def _log_access(self, scope: Scope, status: int, start: float, *, quiet: bool, failed: bool) -> None:
+    def _log_access(
+        self, scope: Scope, status: int, start: float, *, quiet: bool, failed: bool
+    ) -> None:
         """Emit the access line: debug for probe and scrape paths so they do not drown the log."""
         fields: dict[str, Any] = {
             "method": scope.get("method"),

@@ -68,7 +68,18 @@ MULTIPROC_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
 # 1 ms .. 5 s: a cached read is ~1 ms, a large search or a cold database a few seconds;
 # anything slower lands in +Inf, which is itself the signal.
 HTTP_DURATION_BUCKETS: Final = (
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
 )
 
 StoreReadOp = Literal["read", "vread", "search", "history"]
@@ -136,8 +147,9 @@ def _create_metrics() -> Metrics:
         ),
     )
     if is_multiprocess():
-        # livesum gauges keep a per-pid file; drop ours on a clean exit so the sum stays right.
-        # (uvicorn spawns workers, so they exit through the interpreter and atexit runs.)
+        # livesum gauges keep a per-pid file; drop ours on a clean interpreter exit. Not enough on
+        # its own: uvicorn workers re-raise SIGTERM after a graceful shutdown and die by the
+        # signal, skipping atexit, so render_metrics() also prunes files of vanished pids.
         atexit.register(_mark_this_process_dead)
     return metrics
 
@@ -150,6 +162,35 @@ def _mark_this_process_dead() -> None:
     if path and os.path.isdir(path):
         # Evaluated at exit, not at registration, so a forked child removes its own files.
         multiprocess.mark_process_dead(os.getpid(), path)
+
+
+def _prune_dead_live_gauges(path: str) -> None:
+    """Remove live-gauge files whose writer process no longer exists."""
+    if os.name != "posix":
+        return  # os.kill(pid, 0) is a liveness probe only on POSIX; on Windows it terminates
+    from prometheus_client import multiprocess
+
+    dead: set[int] = set()
+    for db in Path(path).glob("gauge_live*_*.db"):
+        pid_text = db.stem.rpartition("_")[2]
+        if pid_text.isdigit() and not _pid_alive(int(pid_text)):
+            dead.add(int(pid_text))
+    for pid in dead:
+        # The collector tolerates live files vanishing mid-scrape, so racing another scrape is fine.
+        multiprocess.mark_process_dead(pid, path)
+
+
+def _pid_alive(pid: int) -> bool:
+    """Tell whether a process with this pid exists (a permission error still means it does)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def is_multiprocess() -> bool:
@@ -169,8 +210,11 @@ def render_metrics() -> tuple[bytes, str]:
     if is_multiprocess():
         # A fresh registry per scrape: the collector reads all workers' files at collect time,
         # and must not be mixed with this process's in-memory default collectors.
+        path = os.environ.get(MULTIPROC_ENV)
+        if path:
+            _prune_dead_live_gauges(path)
         registry = CollectorRegistry()
-        MultiProcessCollector(registry)
+        MultiProcessCollector(registry, path=path)  # a missing directory raises ValueError here
         body = generate_latest(registry)
     else:
         body = generate_latest(REGISTRY)

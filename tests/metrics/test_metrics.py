@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import textwrap
@@ -104,7 +105,9 @@ def parse_samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], flo
     }
 
 
-def value(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str) -> float:
+def value(
+    samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str
+) -> float:
     """Return a sample's value, 0 when absent (counters start at zero)."""
     return samples.get((name, frozenset(labels.items())), 0.0)
 
@@ -146,7 +149,9 @@ async def test_requests_are_counted_by_route_template_and_status(client: httpx.A
     assert delta(route="/api/things/{id}", method="GET", status="200") == 1
     assert delta(route="/hello", method="OTHER", status="405") == 1
 
-    routes = {dict(labels).get("route") for (name, labels) in after if name.startswith("sharedcare_http_")}
+    routes = {
+        dict(labels).get("route") for (name, labels) in after if name.startswith("sharedcare_http_")
+    }
     assert not any(r and ("Patient" in r or "p1" in r or "/7" in r) for r in routes)
 
     hist = "sharedcare_http_request_duration_seconds"
@@ -155,10 +160,14 @@ async def test_requests_are_counted_by_route_template_and_status(client: httpx.A
     assert value(after, f"{hist}_sum", **labels) > value(before, f"{hist}_sum", **labels)
     for le in ("0.001", "0.1", "5.0", "+Inf"):
         assert (f"{hist}_bucket", frozenset({**labels, "le": le}.items())) in after
-    assert value(after, f"{hist}_bucket", **labels, le="+Inf") == value(after, f"{hist}_count", **labels)
+    assert value(after, f"{hist}_bucket", **labels, le="+Inf") == value(
+        after, f"{hist}_count", **labels
+    )
 
 
-async def test_metrics_endpoint_exports_every_family_from_the_start(client: httpx.AsyncClient) -> None:
+async def test_metrics_endpoint_exports_every_family_from_the_start(
+    client: httpx.AsyncClient,
+) -> None:
     """All contract metrics are present, with the unlabelled ones at a value."""
     text = (await client.get("/metrics")).text
     for name in (
@@ -169,7 +178,7 @@ async def test_metrics_endpoint_exports_every_family_from_the_start(client: http
         "sharedcare_log_fatal_total",
     ):
         assert f"# TYPE {name} " in text
-    assert re.search(r"^sharedcare_log_fatal_total \d", text, re.M)
+    assert re.search(r"^sharedcare_log_fatal_total \d", text, re.MULTILINE)
 
 
 def test_store_helpers_count_and_reject_wrong_operations() -> None:
@@ -180,12 +189,16 @@ def test_store_helpers_count_and_reject_wrong_operations() -> None:
     record_store_read("search", "Patient")
     record_store_write("create", "Observation")
     after = parse_samples(render_metrics()[0].decode())
-    assert value(after, name, operation="search", resource_type="Patient") - value(
-        before, name, operation="search", resource_type="Patient"
-    ) == 2
-    assert value(after, name, operation="create", resource_type="Observation") - value(
-        before, name, operation="create", resource_type="Observation"
-    ) == 1
+    assert (
+        value(after, name, operation="search", resource_type="Patient")
+        - value(before, name, operation="search", resource_type="Patient")
+        == 2
+    )
+    assert (
+        value(after, name, operation="create", resource_type="Observation")
+        - value(before, name, operation="create", resource_type="Observation")
+        == 1
+    )
     with pytest.raises(ValueError):
         record_store_read("create", "Patient")  # type: ignore[arg-type]
     with pytest.raises(ValueError):
@@ -195,7 +208,7 @@ def test_store_helpers_count_and_reject_wrong_operations() -> None:
 # --- multiprocess mode ----------------------------------------------------------------------
 
 
-def run_python(code: str, *, multiproc_dir: Path | None) -> str:
+def run_python(code: str, *, multiproc_dir: Path | None, returncode: int = 0) -> str:
     """Run *code* in a fresh interpreter (optionally in multiprocess mode) and return its stdout."""
     env = {k: v for k, v in os.environ.items() if k.lower() != MULTIPROC_ENV.lower()}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
@@ -209,7 +222,7 @@ def run_python(code: str, *, multiproc_dir: Path | None) -> str:
         timeout=120,
         check=False,
     )
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == returncode, result.stderr
     return result.stdout
 
 
@@ -241,14 +254,44 @@ def test_multiprocess_values_are_summed_across_processes(tmp_path: Path) -> None
 
     samples = parse_samples(run_python(RENDER, multiproc_dir=tmp_path))
 
-    assert value(samples, "sharedcare_store_operations_total", operation="read", resource_type="Patient") == 7
+    assert (
+        value(
+            samples, "sharedcare_store_operations_total", operation="read", resource_type="Patient"
+        )
+        == 7
+    )
     route = {"route": "/fhir/{type}/{id}", "method": "GET"}
     assert value(samples, "sharedcare_http_requests_total", **route, status="200") == 7
     assert value(samples, "sharedcare_http_request_duration_seconds_count", **route) == 2
-    assert value(samples, "sharedcare_http_request_duration_seconds_bucket", **route, le="0.005") == 2
+    assert (
+        value(samples, "sharedcare_http_request_duration_seconds_bucket", **route, le="0.005") == 2
+    )
     assert value(samples, "sharedcare_log_fatal_total") == 2
     # Both writers exited cleanly, so their live in-flight gauges are gone.
     assert value(samples, "sharedcare_http_requests_in_flight") == 0
+
+
+@pytest.mark.skipif(os.name != "posix", reason="pid liveness probing is POSIX-only")
+def test_live_gauge_of_a_worker_killed_by_sigterm_is_dropped(tmp_path: Path) -> None:
+    """A worker dying by signal skips atexit (uvicorn re-raises SIGTERM); rendering prunes its gauge."""
+    run_python(
+        INCREMENT.format(n=1) + "    import os, signal\n    os.kill(os.getpid(), signal.SIGTERM)\n",
+        multiproc_dir=tmp_path,
+        returncode=-signal.SIGTERM,
+    )
+    assert list(tmp_path.glob("gauge_livesum_*.db")), "the killed process should have left its file"
+
+    samples = parse_samples(run_python(RENDER, multiproc_dir=tmp_path))
+
+    assert value(samples, "sharedcare_http_requests_in_flight") == 0
+    assert not list(tmp_path.glob("gauge_livesum_*.db"))
+    # Counters of dead workers are history, not state: they must stay.
+    assert (
+        value(
+            samples, "sharedcare_store_operations_total", operation="read", resource_type="Patient"
+        )
+        == 1
+    )
 
 
 def test_setup_multiprocess_dir_cleans_stale_files_and_enables_mode(tmp_path: Path) -> None:
@@ -275,8 +318,18 @@ def test_setup_multiprocess_dir_cleans_stale_files_and_enables_mode(tmp_path: Pa
 
     assert (mp_dir / "keep.txt").exists()
     samples = parse_samples(run_python(RENDER, multiproc_dir=mp_dir))
-    assert value(samples, "sharedcare_store_operations_total", operation="read", resource_type="Patient") == 0
-    assert value(samples, "sharedcare_store_operations_total", operation="vread", resource_type="Patient") == 1
+    assert (
+        value(
+            samples, "sharedcare_store_operations_total", operation="read", resource_type="Patient"
+        )
+        == 0
+    )
+    assert (
+        value(
+            samples, "sharedcare_store_operations_total", operation="vread", resource_type="Patient"
+        )
+        == 1
+    )
 
 
 def test_setup_after_import_warns_and_keeps_rendering_local_values(
@@ -292,7 +345,15 @@ def test_setup_after_import_warns_and_keeps_rendering_local_values(
 
     record_store_read("history", "Encounter")
     samples = parse_samples(render_metrics()[0].decode())
-    assert value(samples, "sharedcare_store_operations_total", operation="history", resource_type="Encounter") >= 1
+    assert (
+        value(
+            samples,
+            "sharedcare_store_operations_total",
+            operation="history",
+            resource_type="Encounter",
+        )
+        >= 1
+    )
 
 
 # --- request ids ----------------------------------------------------------------------------
@@ -314,7 +375,7 @@ BAD_REQUEST_IDS: list[bytes] = [
     b"slash/es",
     b"<script>",
     b"%0d%0a",
-    b"quote\"d",
+    b'quote"d',
     "\u00fcnicode".encode(),
     b"tab\there",
 ]
