@@ -25,11 +25,18 @@ from fhirpathpy.models import models as _fhirpath_models
 
 from sharedcare.store.searchparams import SearchParam, split_union
 
-__all__ = ["IndexRows", "Indexer", "date_range", "normalize_string", "split_reference"]
+__all__ = [
+    "FHIRPATH_OPTIONS",
+    "IndexRows",
+    "Indexer",
+    "date_range",
+    "normalize_string",
+    "split_reference",
+]
 
 log = logging.getLogger(__name__)
 
-Token = tuple[str, str | None, str]
+TokenRow = tuple[str, str | None, str]
 StringRow = tuple[str, str, str]
 RefRow = tuple[str, str | None, str | None, str]
 DateRow = tuple[str, datetime, datetime]
@@ -40,7 +47,7 @@ UriRow = tuple[str, str]
 class IndexRows:
     """All index rows of one resource, one list per search parameter type."""
 
-    tokens: list[Token]  # (param code, system or None, code/value)
+    tokens: list[TokenRow]  # (param code, system or None, code/value)
     strings: list[StringRow]  # (param code, normalized value, exact value)
     references: list[RefRow]  # (param code, target type, target id, raw reference)
     dates: list[DateRow]  # (param code, low inclusive, high exclusive), naive UTC
@@ -60,7 +67,8 @@ def normalize_string(value: str) -> str:
 
 _DATE = re.compile(
     r"(\d{4})(?:-(\d{2})(?:-(\d{2})(?:T(\d{2}):(\d{2})(?::(\d{2})(?:\.(\d+))?)?"
-    r"(Z|[+-]\d{2}:\d{2})?)?)?)?"
+    r"(Z|[+-]\d{2}:\d{2})?)?)?)?",
+    re.ASCII,  # \d must not accept other scripts' digits, which int() would happily parse
 )
 _DAY = timedelta(days=1)
 
@@ -93,24 +101,25 @@ def _date_range(value: str) -> tuple[datetime, datetime]:
         if h is None:
             low = datetime(year, month, int(d))
             return low, _next(lambda: low + _DAY)
-        sec = int(s or 0)
-        leap = sec == 60  # FHIR's time regex allows a leap second; Python does not
+        # FHIR's time regex allows a leap second (:60); like POSIX time, fold it onto :59.
+        sec = 59 if s == "60" else int(s or 0)
         micro = int(frac[:6].ljust(6, "0")) if frac else 0
-        low = datetime(year, month, int(d), int(h), int(mi), 59 if leap else sec, micro)
-        if leap:
-            low += timedelta(seconds=1)
+        low = datetime(year, month, int(d), int(h), int(mi), sec, micro)
         if frac:
             width = timedelta(microseconds=10 ** (6 - min(len(frac), 6)))
         else:
             width = timedelta(seconds=1) if s else timedelta(minutes=1)
-        high = low + width
+        high = _next(lambda: low + width)
         if tz and tz != "Z":
             sign = 1 if tz[0] == "+" else -1
             tzh, tzm = int(tz[1:3]), int(tz[4:6])
             if tzh > 14 or tzm > 59 or (tzh == 14 and tzm):  # R4 allows -14:00..+14:00
                 raise ValueError(f"bad timezone offset in {value!r}")
             offset = sign * timedelta(hours=tzh, minutes=tzm)
-            low, high = low - offset, high - offset
+            low -= offset  # may overflow: not representable as a naive UTC datetime
+            if high < datetime.max:
+                local_high = high
+                high = _next(lambda: local_high - offset)
         return low, high
     except OverflowError as exc:
         raise ValueError(f"date out of range: {value!r}") from exc
@@ -154,9 +163,9 @@ Conv = Callable[[str, list[Any], list[Any]], None]
 def _tok_coding(code: str, items: list[Any], out: list[Any]) -> None:
     for c in items:
         if c.__class__ is dict:
-            v = c.get("code")
+            v, system = c.get("code"), c.get("system")
             if v and v.__class__ is str:
-                out.append((code, c.get("system") or None, v))
+                out.append((code, system if system.__class__ is str and system else None, v))
 
 
 def _tok_concept(code: str, items: list[Any], out: list[Any]) -> None:
@@ -168,9 +177,9 @@ def _tok_concept(code: str, items: list[Any], out: list[Any]) -> None:
 def _tok_identifier(code: str, items: list[Any], out: list[Any]) -> None:
     for i in items:
         if i.__class__ is dict:
-            v = i.get("value")
+            v, system = i.get("value"), i.get("system")
             if v and v.__class__ is str:
-                out.append((code, i.get("system") or None, v))
+                out.append((code, system if system.__class__ is str and system else None, v))
 
 
 def _tok_contact(code: str, items: list[Any], out: list[Any]) -> None:
@@ -666,7 +675,11 @@ class Indexer:
         return IndexRows(tokens, strings, refs, dates, uris)
 
     def values(self, resource: dict[str, Any], code: str) -> list[Any]:
-        """The raw FHIRPath result for one parameter (for tests and diagnostics)."""
+        """The raw values indexed for one parameter (for tests and diagnostics).
+
+        This is the FHIRPath result, restricted to datatypes the parameter type can index
+        (a date parameter over ``onset[x]`` skips ``onsetString``).
+        """
         plan = self._plans.get(resource.get("resourceType"))  # type: ignore[arg-type]
         if plan is None:
             return []
