@@ -9,6 +9,9 @@ import random
 from collections.abc import Iterator
 from typing import Any
 
+# Modulus 11 lives with the patient index; re-exported here for existing callers.
+from sharedcare.pix.nhs import is_valid_nhs_number, nhs_check_digit  # noqa: F401
+
 NHS_SYSTEM = "https://fhir.nhs.uk/Id/nhs-number"
 
 FAMILY = (
@@ -21,22 +24,6 @@ GIVEN_F = "Olivia Amelia Isla Ava Mia Sophia Grace Lily Freya Emily Aisha Fatima
 GIVEN_M = "Oliver George Noah Arthur Harry Leo Jack Charlie Jacob Thomas Mohammed Ali Yusuf Oscar James William Adam Rohan Daniel Liam".split()
 STREETS = "High Street|Station Road|Church Lane|Park Avenue|Victoria Road|Green Lane|Manor Road|Mill Lane|Kings Road|Queens Drive".split("|")
 TOWNS = [("Leeds", "LS"), ("Bradford", "BD"), ("Wakefield", "WF"), ("Harrogate", "HG"), ("York", "YO"), ("Halifax", "HX"), ("Huddersfield", "HD"), ("Sheffield", "S")]
-
-
-def nhs_check_digit(nine: str) -> int | None:
-    """Modulus 11 check digit for nine digits, or None when the number cannot be issued."""
-    total = sum(int(d) * w for d, w in zip(nine, range(10, 1, -1), strict=True))
-    check = 11 - total % 11
-    if check == 11:
-        return 0
-    return None if check == 10 else check
-
-
-def is_valid_nhs_number(value: str) -> bool:
-    """True for a ten-digit NHS number whose Modulus 11 check digit holds."""
-    if len(value) != 10 or not value.isdigit():
-        return False
-    return nhs_check_digit(value[:9]) == int(value[9])
 
 
 def nhs_number(rng: random.Random) -> str:

@@ -103,11 +103,11 @@ async def test_expired_lease_is_claimed_again(db: Database) -> None:
 
 async def test_failures_back_off_then_dead_letter_and_redrive(db: Database) -> None:
     await put(db, "t", 1)
-    backoff = q.Backoff(base=0.01, cap=0.02, max_attempts=2)
+    backoff = q.Backoff(base=1.0, cap=1.0, max_attempts=2)  # delay in [0.5, 1.0] s
     (item,) = await q.claim(db, "t")
     assert await q.fail(db, item, "timeout", backoff) == q.READY
     assert await q.claim(db, "t") == []  # not before its backoff
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(1.05)
     (item,) = await q.claim(db, "t")
     assert await q.fail(db, item, "timeout again", backoff) == q.DEAD
     info = await q.get(db, item.id)
