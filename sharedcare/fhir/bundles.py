@@ -48,6 +48,8 @@ class BundleWriter:
             head["total"] = self.total
         if self.links:
             head["link"] = self.links
+        if not self.entries:  # FHIR JSON has no empty arrays (json.html#arrays)
+            return orjson.dumps(head)
         return orjson.dumps(head)[:-1] + b',"entry":[' + b",".join(self.entries) + b"]}"
 
 

@@ -9,6 +9,7 @@ import structlog
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.routing import Route
 
 from sharedcare.fhir.errors import FHIRError, Issue, operation_outcome
 
@@ -32,8 +33,8 @@ def fhir_json(content: Any, status: int = 200, headers: dict[str, str] | None = 
     return FHIRResponse(content, status_code=status, headers=headers)
 
 
-def parse_json_body(body: bytes, content_type: str | None) -> Any:
-    """Decode a FHIR JSON request body or raise a 415/400 the client can act on."""
+def check_json_media_type(content_type: str | None) -> None:
+    """Raise a 415 unless ``content_type`` is a FHIR JSON media type (checked before reading)."""
     media = (content_type or "").split(";", 1)[0].strip().lower()
     if media not in _ACCEPTED_BODY_TYPES:
         raise FHIRError.of(
@@ -41,6 +42,11 @@ def parse_json_body(body: bytes, content_type: str | None) -> Any:
             "not-supported",
             f"Content-Type {media or '(none)'!r} is not supported; send application/fhir+json.",
         )
+
+
+def parse_json_body(body: bytes, content_type: str | None) -> Any:
+    """Decode a FHIR JSON request body or raise a 415/400 the client can act on."""
+    check_json_media_type(content_type)
     if not body:
         raise FHIRError.of(400, "invalid", "The request body is empty; send a FHIR JSON resource.")
     try:
@@ -63,7 +69,19 @@ async def http_error_handler(request: Request, exc: Exception) -> Response:
         404: f"No route for {request.method} {request.url.path}.",
         405: f"{request.method} is not allowed on {request.url.path}.",
     }.get(exc.status_code, str(exc.detail))
-    return fhir_json(operation_outcome(Issue(code, message)), exc.status_code, dict(exc.headers or {}))
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:
+        headers["Allow"] = _allowed_methods(request) or headers.get("Allow", "")
+    return fhir_json(operation_outcome(Issue(code, message)), exc.status_code, headers)
+
+
+def _allowed_methods(request: Request) -> str:
+    """Every method some route serves at this path (Starlette names only the first route's)."""
+    methods: set[str] = set()
+    for route in getattr(request.app, "routes", ()):
+        if isinstance(route, Route) and route.methods and route.path_regex.match(request.url.path):
+            methods |= route.methods
+    return ", ".join(sorted(methods))
 
 
 async def server_error_handler(request: Request, exc: Exception) -> Response:

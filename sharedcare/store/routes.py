@@ -10,7 +10,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from sharedcare.fhir.errors import FHIRError
-from sharedcare.fhir.responses import fhir_json, parse_json_body
+from sharedcare.fhir.responses import check_json_media_type, fhir_json, parse_json_body
 from sharedcare.store.service import FhirService, Result
 from sharedcare.store.transaction import process_bundle
 
@@ -35,8 +35,11 @@ def _too_large(limit: int) -> FHIRError:
 
 
 async def json_body(request: Request) -> Any:
+    """The FHIR JSON body: 415 before reading a wrong media type, 413 over the limit, 400 if not JSON."""
+    content_type = request.headers.get("content-type")
+    check_json_media_type(content_type)
     limit = request.app.state.settings.max_body_bytes
-    return parse_json_body(await read_body(request, limit), request.headers.get("content-type"))
+    return parse_json_body(await read_body(request, limit), content_type)
 
 
 def lenient(request: Request) -> bool:
@@ -69,6 +72,7 @@ async def search(request: Request) -> Response:
 
 async def create(request: Request) -> Response:
     rtype = request.path_params["type"]
+    _service(request).store.check_type(rtype)
     body = await json_body(request)
     return respond(
         await _service(request).create(

@@ -61,7 +61,14 @@ class FhirService:
     ) -> Result:
         prepared = self.store.prepare(rtype, body)
         if if_none_exist:
-            plan = self.plan(rtype, parse_qsl(if_none_exist, keep_blank_values=True))
+            plan = self.plan(rtype, parse_qsl(if_none_exist.lstrip("?"), keep_blank_values=True))
+            if not plan.clauses:  # no criteria would match any resource of the type
+                raise FHIRError.of(
+                    400,
+                    "invalid",
+                    f"If-None-Exist {if_none_exist!r} holds no search criteria; "
+                    "give some, e.g. identifier=system|value.",
+                )
 
             async def conditional(conn: Any) -> tuple[Stored | None, Stored | None]:
                 await self.store.advisory_lock(conn, f"{rtype}?{if_none_exist}")
