@@ -67,7 +67,11 @@ async def history(
     if since is not None:
         query = query.where(v.last_updated >= since)
     if cursor is not None:
-        _direction, ts, packed = cursor
+        direction, ts, packed = cursor
+        if direction != "after" or ts is None:  # e.g. a search's cursor pasted into a history
+            raise bad_request(
+                "The _cursor value is not one this history issued; follow its next links."
+            )
         # The cursor packs (rid, version) of the last entry shown into one integer.
         last_rid, last_version = divmod(packed, 1 << 20)
         query = query.where(

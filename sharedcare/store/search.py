@@ -8,7 +8,8 @@ inserts, and as cheap on page 1,000 as on page 1 (search.html#paging).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -26,6 +27,7 @@ from sqlalchemy import (
     tuple_,
 )
 
+from sharedcare.fhir.errors import FHIRError
 from sharedcare.store.db import Database
 from sharedcare.store.schema import INDEX_TABLES, idx_reference, resources
 from sharedcare.store.search_parse import Clause, SearchPlan, encode_cursor
@@ -70,6 +72,28 @@ def _date_cond(lo: Any, hi: Any, prefix: str, low: datetime, high: datetime) -> 
     }[prefix]
 
 
+def _instant_cond(ts: Any, prefix: str, low: datetime, high: datetime) -> ColumnElement[bool]:
+    """A stored instant (``_lastUpdated``) against the search range ``[low, high)``.
+
+    The store keeps microseconds, so the instant is the range ``[ts, ts + 1µs)``; with
+    microsecond-aligned bounds the rules of :func:`_date_cond` reduce to these.
+    """
+    return {
+        "eq": and_(ts >= low, ts < high),
+        "ne": or_(ts < low, ts >= high),
+        "gt": ts >= high,
+        "lt": ts < low,
+        "ge": ts >= low,
+        "le": ts < high,
+    }[prefix]
+
+
+# Type/id, optionally versioned (the version is ignored: search.html#reference).
+_LITERAL_REF = re.compile(
+    r"([A-Z][A-Za-z]+)/([A-Za-z0-9\-.]{1,64})(?:/_history/[A-Za-z0-9\-.]{1,64})?"
+)
+
+
 def _value_cond(clause: Clause, table: Any, value: Any, base_url: str) -> ColumnElement[bool]:
     assert clause.param is not None
     kind = clause.param.type
@@ -98,14 +122,18 @@ def _value_cond(clause: Clause, table: Any, value: Any, base_url: str) -> Column
 
 
 def _reference_cond(clause: Clause, table: Any, value: str, base_url: str) -> ColumnElement[bool]:
+    """search.html#reference: ``id``, ``Type/id`` (also under this server's base, and with a
+    ``/_history/n`` that is ignored), or any other absolute URL matched as written."""
     if value.startswith(base_url + "/"):
         value = value[len(base_url) + 1 :]
     if "://" in value or value.startswith("urn:"):
         return table.c.url == value
     if "/" in value:
-        target_type, _, target_id = value.partition("/")
-        return and_(table.c.target_type == target_type, table.c.target_id == target_id)
-    if clause.modifier:  # subject:Patient=123
+        m = _LITERAL_REF.fullmatch(value)
+        if m is None:
+            return table.c.url == value
+        return and_(table.c.target_type == m[1], table.c.target_id == m[2])
+    if clause.modifier and clause.modifier != "missing":  # subject:Patient=123
         return and_(table.c.target_type == clause.modifier, table.c.target_id == value)
     return table.c.target_id == value
 
@@ -113,12 +141,13 @@ def _reference_cond(clause: Clause, table: Any, value: str, base_url: str) -> Co
 def clause_condition(plan: SearchPlan, clause: Clause, base_url: str) -> ColumnElement[bool]:
     """One AND-ed clause as a condition on ``resources``."""
     r = resources.c
-    if clause.name == "_id":
-        return r.id.in_([code for _system, code in clause.values])
-    if clause.name == "_lastUpdated":
-        ts = r.last_updated
-        return or_(*(_date_cond(ts, ts, *value) for value in clause.values))
-    assert clause.param is not None
+    if clause.param is None:  # _id / _lastUpdated: every resource has both
+        if clause.modifier == "missing":
+            return false() if clause.values[0] else true()
+        if clause.name == "_id":
+            matched = r.id.in_(list(clause.values))
+            return not_(matched) if clause.modifier == "not" else matched
+        return or_(*(_instant_cond(r.last_updated, *value) for value in clause.values))
     table = INDEX_TABLES[clause.param.type]
     scoped = and_(table.c.type == plan.rtype, table.c.param == clause.name)
     if clause.modifier == "missing":
@@ -146,6 +175,13 @@ def _keyset(plan: SearchPlan, backwards: bool) -> tuple[list[Any], ColumnElement
     if plan.cursor is None:
         return order, None
     _direction, ts, rid = plan.cursor
+    if (plan.sort_desc is None) != (ts is None):
+        raise FHIRError.of(
+            400,
+            "invalid",
+            "The _cursor value belongs to a search with a different _sort (or to a history); "
+            "follow the next/previous links of one search without changing its parameters.",
+        )
     key = [rid] if plan.sort_desc is None else [ts, rid]
     left = tuple_(*cols) if len(cols) > 1 else cols[0]
     right = tuple_(*[literal(k) for k in key]) if len(key) > 1 else key[0]
@@ -177,6 +213,10 @@ async def _run(conn: Any, plan: SearchPlan, base_url: str) -> SearchPage:
     more = len(rows) > plan.count
     hits = [Hit(*row) for row in rows[: plan.count]]
     if backwards:
+        if not hits and plan.count:
+            # Nothing is left before the cursor (those matches were deleted): the previous
+            # page is the first page, so the client still gets a page with a next link.
+            return await _run(conn, replace(plan, cursor=None), base_url)
         hits.reverse()
     total: int | None = None
     if plan.total == "accurate":
@@ -213,21 +253,24 @@ async def _included(conn: Any, plan: SearchPlan, hits: list[Hit]) -> list[Hit]:
             refs = refs.where(idx_reference.c.target_type == target)
         pairs = {(t, i) for t, i in (await conn.execute(refs)).all()}
         if pairs:
-            query = select(r.rid, r.type, r.id, r.last_updated, r.body).where(
-                tuple_(r.type, r.id).in_(list(pairs)), r.deleted == false()
+            query = (
+                select(r.rid, r.type, r.id, r.last_updated, r.body)
+                .where(tuple_(r.type, r.id).in_(sorted(pairs)), r.deleted == false())
+                .order_by(r.rid)
+                .limit(MAX_INCLUDED)
             )
-            out.extend(Hit(*row) for row in (await conn.execute(query.limit(MAX_INCLUDED))).all())
+            out.extend(Hit(*row) for row in (await conn.execute(query)).all())
     for source, pname in plan.revincludes:
+        referring = select(idx_reference.c.rid).where(
+            idx_reference.c.type == source,
+            idx_reference.c.param == pname,
+            idx_reference.c.target_type == plan.rtype,
+            idx_reference.c.target_id.in_([h.id for h in hits]),
+        )
         query = (
             select(r.rid, r.type, r.id, r.last_updated, r.body)
-            .join(idx_reference, idx_reference.c.rid == r.rid)
-            .where(
-                idx_reference.c.type == source,
-                idx_reference.c.param == pname,
-                idx_reference.c.target_type == plan.rtype,
-                idx_reference.c.target_id.in_([h.id for h in hits]),
-                r.deleted == false(),
-            )
+            .where(r.rid.in_(referring), r.deleted == false())
+            .order_by(r.rid)
             .limit(MAX_INCLUDED)
         )
         out.extend(Hit(*row) for row in (await conn.execute(query)).all())
