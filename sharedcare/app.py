@@ -13,6 +13,9 @@ from starlette.routing import BaseRoute, Route
 
 from sharedcare import __version__
 from sharedcare.fhir.responses import EXCEPTION_HANDLERS
+from sharedcare.iam.middleware import AuthMiddleware
+from sharedcare.iam.routes import iam_routes
+from sharedcare.iam.service import Iam
 from sharedcare.logs import configure_logging
 from sharedcare.metrics.health import health_routes
 from sharedcare.metrics.middleware import MetricsMiddleware, RequestIdMiddleware
@@ -32,6 +35,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     settings = settings or load_settings()
     # Each uvicorn worker is a fresh process: configure its logging here, not only in the CLI.
     configure_logging(settings.log_level, json=settings.log_json)
+    iam = Iam(settings)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -51,10 +55,13 @@ def create_app(settings: Settings | None = None) -> Starlette:
             default_count=settings.default_page_size,
             max_count=settings.max_page_size,
         )
+        await iam.start(db, app.state.fhir)
+        app.state.iam = iam
         log.info("hub started", version=__version__, database=db.dialect, base_url=settings.public_base_url)
         try:
             yield
         finally:
+            await iam.close()
             await db.close()
 
     async def readiness() -> tuple[bool, dict[str, Any]]:
@@ -66,11 +73,16 @@ def create_app(settings: Settings | None = None) -> Starlette:
     routes: list[BaseRoute] = [
         *health_routes(readiness),
         Route("/fhir/metadata", metadata, methods=["GET"]),
+        *iam_routes(),
         *store_routes(),
     ]
     app = Starlette(
         routes=routes,
-        middleware=[Middleware(RequestIdMiddleware), Middleware(MetricsMiddleware)],
+        middleware=[
+            Middleware(RequestIdMiddleware),
+            Middleware(MetricsMiddleware),
+            Middleware(AuthMiddleware, iam=iam, max_body_bytes=settings.max_body_bytes),
+        ],
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
         lifespan=lifespan,
     )

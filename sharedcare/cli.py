@@ -1,4 +1,4 @@
-"""The ``sharedcare`` command: serve, db, demo (thin adapters over the capabilities)."""
+"""The ``sharedcare`` command: serve, db, demo, participants (thin adapters over the capabilities)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 
 from sharedcare import __version__
+from sharedcare.registry.cli import participants_app
 from sharedcare.settings import Settings, load_settings
 
 app = typer.Typer(
@@ -20,6 +21,7 @@ app = typer.Typer(
 )
 db_app = typer.Typer(help="Database migrations.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
+app.add_typer(participants_app, name="participants")
 console = Console(stderr=True)
 
 
@@ -169,17 +171,55 @@ def demo(
 
     settings = _settings(port=port, data_dir=data_dir)
     asyncio.run(_upgrade(settings))
-    loaded = asyncio.run(load_sample_data(settings, people, console))
+    loaded, key_file = asyncio.run(load_sample_data(settings, people, console))
     base = settings.fhir_base
+    token_cmd = f"sharedcare token --client-id demo-consumer --key {key_file} --fhir-base {base}"
     console.print(
         f"\n[bold green]sharedcare {__version__}[/bold green] demo on the embedded default\n"
         f"  FHIR base:   {base}\n"
         f"  data folder: {settings.data_dir.resolve()}\n"
-        f"  sample data: {loaded}\n\n"
-        f"Try:\n  curl -s '{base}/Patient?family=smith&_count=5'\n"
-        f"  curl -s '{base}/metadata' | head -c 300\n\nCtrl-C stops the hub.\n"
+        f"  sample data: {loaded}\n"
+        f"  consumer:    client_id demo-consumer, private key {key_file}\n\n"
+        f"Try (in another terminal):\n"
+        f"  TOKEN=$({token_cmd})\n"
+        f"  curl -s -H \"Authorization: Bearer $TOKEN\" '{base}/Patient?family=smith&_count=5'\n"
+        f"  curl -s '{base}/metadata' | head -c 300\n\nCtrl-C stops the hub.\n",
+        soft_wrap=True,  # keep each command on one line so it can be pasted
     )
     run_server(settings)
+
+
+DEMO_USER = '{"requesting_user":{"id":"C123456","name":"Dr Ann Example","role":"R8000"},"requesting_organization":"RR8","reason_for_access":"TREAT"}'
+
+
+@app.command()
+def token(
+    client_id: Annotated[str, typer.Option(help="Your system's client_id.")],
+    key: Annotated[Path, typer.Option(help="Your private JWK file (from `participants keygen`).")],
+    scope: Annotated[str, typer.Option(help="Scopes to ask for.")] = "system/*.rs",
+    fhir_base: Annotated[str, typer.Option(help="The hub's FHIR base URL.")] = "http://127.0.0.1:8080/fhir",
+    end_user: Annotated[str, typer.Option(help="End-user claims as JSON.")] = DEMO_USER,
+) -> None:
+    """Get an access token (SMART Backend Services) and print it, for scripts and curl."""
+    import json
+
+    import httpx
+    from joserfc.jwk import import_key
+
+    from sharedcare.iam.client import sign_assertion, token_form
+
+    try:
+        config = httpx.get(f"{fhir_base}/.well-known/smart-configuration", timeout=10).json()
+        private = import_key(json.loads(key.read_text(encoding="utf-8")))
+        assertion = sign_assertion(private, client_id, config["token_endpoint"], end_user=json.loads(end_user))  # type: ignore[arg-type]
+        response = httpx.post(config["token_endpoint"], data=token_form(assertion, scope), timeout=10)
+    except (OSError, ValueError, KeyError, httpx.HTTPError) as exc:
+        console.print(f"[red]Could not get a token:[/red] {exc}")
+        raise typer.Exit(1) from None
+    if response.status_code != 200:
+        console.print(f"[red]Token refused ({response.status_code}):[/red] {response.text}")
+        raise typer.Exit(1)
+    print(response.json()["access_token"])
 
 
 def main() -> None:

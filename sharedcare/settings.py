@@ -75,6 +75,39 @@ class Settings(BaseSettings):
         "info", description="Lowest log level written."
     )
     log_json: bool = Field(True, description="Write logs as JSON lines (false: console format).")
+    token_lifetime_seconds: int = Field(
+        300, ge=30, le=300, description="Lifetime of the access tokens the hub issues (SMART: at most 300 s)."
+    )
+    hub_key_alg: Literal["RS384", "ES384"] = Field(
+        "RS384",
+        description="Algorithm of the hub's token-signing keys (RS384 verifies fastest; ES384 keys are quick to make).",
+    )
+    hub_key_rotation_hours: float = Field(
+        24.0,
+        gt=0,
+        le=24 * 90,
+        description=(
+            "A new hub signing key every this many hours; old keys stay in the JWKS until "
+            "the tokens they signed have expired."
+        ),
+    )
+    registry_cache_seconds: float = Field(
+        2.0,
+        ge=0,
+        le=60,
+        description=(
+            "How long a hub process trusts its cached copy of a participant system: a "
+            "suspension or key change reaches every process within this time."
+        ),
+    )
+    rate_limit_per_second: float = Field(
+        1000.0,
+        ge=0,
+        description="Requests per second allowed per client system, shared by all hub processes (0: no limit).",
+    )
+    rate_limit_burst: int = Field(
+        2000, ge=1, description="Largest burst per client system above its steady rate (token bucket size)."
+    )
 
     @classmethod
     def settings_customise_sources(

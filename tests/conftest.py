@@ -4,6 +4,10 @@ PostgreSQL is found at ``SHAREDCARE_TEST_PG`` (default postgresql://postgres@127
 Each test session creates its own database there and drops it at the end; each test starts
 from empty tables. Under CI (``CI`` set) an unreachable PostgreSQL fails the run; on a
 developer machine it skips the PostgreSQL half with a message saying why.
+
+Identity: ``client`` carries a real admin token (a registered system, a signed assertion,
+POST /oauth2/token); ``anon_client`` carries none; ``hub_auth`` gets admin headers for a
+``sharedcare serve`` subprocess.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ import pytest_asyncio
 from sqlalchemy import text
 
 from sharedcare.app import create_app
+from sharedcare.iam.client import generate_key, public_jwks, sign_assertion, token_form
+from sharedcare.registry.model import System, new_system
 from sharedcare.settings import Settings
 from sharedcare.store import migrate
 from sharedcare.store.db import Database
@@ -101,6 +107,7 @@ def settings(database_url: str, tmp_path: Path) -> Settings:
         default_page_size=50,
         max_page_size=1000,
         max_body_bytes=2 * 1024 * 1024,
+        hub_key_alg="ES384",  # an RSA hub key per test would cost ~50 ms of key generation
     )
 
 
@@ -112,8 +119,105 @@ async def app(settings: Settings) -> AsyncIterator[Any]:
 
 
 @pytest_asyncio.fixture
-async def client(app: Any) -> AsyncIterator[httpx.AsyncClient]:
-    """An HTTP client over the ASGI app (real HTTP semantics, no socket)."""
+async def anon_client(app: Any) -> AsyncIterator[httpx.AsyncClient]:
+    """An HTTP client over the ASGI app (real HTTP semantics, no socket), with no token."""
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url=TEST_BASE) as http:
+        yield http
+
+
+# -- identity: a registered admin system and real tokens from the real token endpoint -----
+ADMIN_CLIENT_ID = "test-admin"
+ADMIN_SCOPES = "system/*.* sharedcare/admin"
+TOKEN_URL = f"{TEST_BASE}/oauth2/token"
+END_USER = {
+    "requesting_user": {"id": "U0001", "name": "Dr Test User", "role": "R8000"},
+    "requesting_organization": "X26",
+    "reason_for_access": "TREAT",
+}
+
+
+@pytest.fixture(scope="session")
+def admin_key() -> Any:
+    """The admin system's private key: generated once per session (ES384 is fast to make)."""
+    return generate_key("ES384", kid="test-admin-es384")
+
+
+@pytest.fixture
+def register_system(app: Any) -> Any:
+    """``await register_system(client_id, key, scopes, **fields)``: add a system to the registry."""
+
+    async def register(client_id: str, key: Any, scopes: str, **fields: Any) -> System:
+        fields.setdefault("kind", "consumer")
+        fields.setdefault("name", f"{client_id} system")
+        if "jwks_url" not in fields:
+            fields.setdefault("jwks", public_jwks(key))
+        return await app.state.iam.registry.add(new_system(client_id=client_id, scopes=scopes, **fields))
+
+    return register
+
+
+@pytest.fixture
+def get_token() -> Any:
+    """``await get_token(http, client_id, key, scope, end_user=END_USER)``: POST /oauth2/token."""
+
+    async def fetch(
+        http: httpx.AsyncClient, client_id: str, key: Any, scope: str, end_user: dict[str, Any] | None = END_USER
+    ) -> str:
+        assertion = sign_assertion(key, client_id, TOKEN_URL, end_user=end_user)
+        response = await http.post("/oauth2/token", data=token_form(assertion, scope))
+        assert response.status_code == 200, response.text
+        return str(response.json()["access_token"])
+
+    return fetch
+
+
+@pytest.fixture
+def hub_auth(settings: Settings, admin_key: Any) -> Any:
+    """``await hub_auth(hub.url)``: admin ``Authorization`` headers for a running ``sharedcare serve``.
+
+    Registers the admin system in the hub's database (once) and gets a real token from the
+    hub's token endpoint; call it again for each hub process with its own base URL.
+    """
+    from sharedcare.registry.service import Registry
+    from sharedcare.store.repository import Store
+    from sharedcare.store.service import FhirService
+
+    registered: list[bool] = []
+
+    async def headers(url: str, scope: str = ADMIN_SCOPES) -> dict[str, str]:
+        if not registered:
+            db = Database(settings.database)
+            try:
+                await migrate.upgrade(db)
+                fhir = FhirService(Store(db), fhir_base=f"{url}/fhir", default_count=50, max_count=1000)
+                system = new_system(
+                    client_id=ADMIN_CLIENT_ID, kind="consumer", name="Test admin", scopes=ADMIN_SCOPES,
+                    jwks=public_jwks(admin_key),
+                )
+                await Registry(fhir).add(system)
+            finally:
+                await db.close()
+            registered.append(True)
+        assertion = sign_assertion(admin_key, ADMIN_CLIENT_ID, f"{url}/oauth2/token", end_user=END_USER)
+        async with httpx.AsyncClient(timeout=30) as http:
+            response = await http.post(f"{url}/oauth2/token", data=token_form(assertion, scope))
+        assert response.status_code == 200, response.text
+        return {"Authorization": f"Bearer {response.json()['access_token']}"}
+
+    return headers
+
+
+@pytest_asyncio.fixture
+async def client(app: Any, admin_key: Any, register_system: Any, get_token: Any) -> AsyncIterator[httpx.AsyncClient]:
+    """An HTTP client over the ASGI app carrying an admin token with end-user context.
+
+    The token is real: an admin system is registered with a generated key, signs a client
+    assertion, and gets its token from POST /oauth2/token.
+    """
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url=TEST_BASE) as http:
+        await register_system(ADMIN_CLIENT_ID, admin_key, ADMIN_SCOPES)
+        token = await get_token(http, ADMIN_CLIENT_ID, admin_key, ADMIN_SCOPES)
+        http.headers["Authorization"] = f"Bearer {token}"
         yield http

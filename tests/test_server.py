@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import httpx
 import pytest
 from fhirpy import AsyncFHIRClient
@@ -22,8 +24,13 @@ def hub(settings: Settings):  # noqa: ANN201 - a context-managed fixture
         yield running
 
 
-async def test_fhirpy_create_read_search_and_page(hub: RunningHub) -> None:
-    client = AsyncFHIRClient(f"{hub.url}/fhir", extra_headers={"Accept": "application/fhir+json"})
+async def test_fhirpy_create_read_search_and_page(hub: RunningHub, hub_auth: Any) -> None:
+    headers = await hub_auth(hub.url)
+    client = AsyncFHIRClient(
+        f"{hub.url}/fhir",
+        authorization=headers["Authorization"],
+        extra_headers={"Accept": "application/fhir+json"},
+    )
     created = []
     for i in range(23):
         resource = client.resource("Patient", **patient(family="Fhirpy", given=f"G{i:02d}"))

@@ -31,7 +31,8 @@ MODIFIERS = {
 # _id and _lastUpdated are columns of `resources`; these are the modifiers they support.
 COLUMN_MODIFIERS = {"_id": {"not", "missing"}, "_lastUpdated": {"missing"}}
 # Parameters every client library may send that change nothing in a JSON-only server.
-IGNORED = {"_format", "_pretty"}
+# `_totalMethod` is sent by fhirpy's count() (an Aidbox extension); totals here are always exact.
+IGNORED = {"_format", "_pretty", "_totalMethod"}
 RESULT_PARAMS = {"_count", "_sort", "_total", "_include", "_revinclude", "_cursor"}
 # Prefixes of search.html#prefix this server does not implement (so they get a clear 400).
 _UNSUPPORTED_PREFIXES = ("sa", "eb", "ap")

@@ -1,0 +1,184 @@
+"""The participant registry over the regional store, with a short-lived in-process cache.
+
+Reads and writes go through the store's public functions (``FhirService.plan``,
+``run_search``, ``Store.prepare``/``create_in``/``update_in``), so every change is a
+versioned resource in the change log like any other write.
+
+Cache bound: a process trusts a looked-up system for ``cache_seconds`` (setting
+``registry_cache_seconds``, default 2 s). A suspension, a new key or a scope change made by
+any process or through the FHIR API therefore takes effect in every process within that
+time (plus one database read).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+import orjson
+
+from sharedcare.fhir.errors import FHIRError, conflict, not_found
+from sharedcare.registry.model import (
+    CLIENT_ID_RE,
+    CLIENT_ID_SYSTEM,
+    HUB_CONNECTION_TYPES,
+    ODS_SYSTEM,
+    SYSTEM_CONNECTION,
+    System,
+    endpoint_resources,
+    organization_resource,
+    system_from_resources,
+    with_status,
+)
+from sharedcare.store.search import SearchPage, run_search
+from sharedcare.store.service import FhirService
+
+PAGE = 500
+
+
+class Registry:
+    """Participant systems: register, look up (cached), list, suspend and activate."""
+
+    def __init__(
+        self,
+        fhir: FhirService,
+        *,
+        cache_seconds: float = 2.0,
+        max_cached: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.fhir = fhir
+        self.store = fhir.store
+        self.cache_seconds = cache_seconds
+        self.max_cached = max_cached
+        self.clock = clock
+        self._cache: OrderedDict[str, tuple[float, System | None]] = OrderedDict()
+
+    # -- reads ----------------------------------------------------------------------------
+    async def _search(self, rtype: str, items: list[tuple[str, str]], conn: Any = None) -> SearchPage:
+        plan = self.fhir.plan(rtype, items)
+        return await run_search(self.store.db, plan, self.fhir.base, conn=conn)
+
+    async def get(self, client_id: str) -> System | None:
+        """The system registered as ``client_id``, read from the store now."""
+        if not CLIENT_ID_RE.match(client_id):
+            return None
+        page = await self._search(
+            "Endpoint",
+            [("identifier", f"{CLIENT_ID_SYSTEM}|{client_id}"), ("_include", "Endpoint:organization"), ("_count", "20")],
+        )
+        endpoints = [orjson.loads(h.body) for h in page.matches]
+        orgs = {h.id: orjson.loads(h.body) for h in page.included if h.type == "Organization"}
+        return system_from_resources(endpoints, orgs)
+
+    async def lookup(self, client_id: str) -> System | None:
+        """The system, from this process's cache when it is younger than ``cache_seconds``."""
+        now = self.clock()
+        hit = self._cache.get(client_id)
+        if hit is not None and now - hit[0] < self.cache_seconds:
+            return hit[1]
+        system = await self.get(client_id)
+        self._cache[client_id] = (now, system)
+        self._cache.move_to_end(client_id)
+        while len(self._cache) > self.max_cached:
+            self._cache.popitem(last=False)
+        return system
+
+    def forget(self, client_id: str) -> None:
+        """Drop a cached entry (this process only; others follow within ``cache_seconds``)."""
+        self._cache.pop(client_id, None)
+
+    async def systems(self) -> list[System]:
+        """Every registered system, ordered by client id."""
+        regs = await self._all(
+            [("connection-type", f"{HUB_CONNECTION_TYPES}|{SYSTEM_CONNECTION}"), ("_include", "Endpoint:organization")]
+        )
+        others = await self._all([("identifier", f"{CLIENT_ID_SYSTEM}|")])
+        by_client: dict[str, list[dict[str, Any]]] = {}
+        for endpoint in others[0]:
+            for ident in endpoint.get("identifier") or []:
+                if ident.get("system") == CLIENT_ID_SYSTEM:
+                    by_client.setdefault(ident.get("value"), []).append(endpoint)
+        systems = []
+        for reg in regs[0]:
+            endpoints = [reg, *(e for e in by_client.get(reg["id"], []) if e["id"] != reg["id"])]
+            system = system_from_resources(endpoints, regs[1])
+            if system is not None:
+                systems.append(system)
+        return sorted(systems, key=lambda s: s.client_id)
+
+    async def _all(self, items: list[tuple[str, str]]) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+        matches: list[dict[str, Any]] = []
+        included: dict[str, dict[str, Any]] = {}
+        cursor: str | None = None
+        while True:
+            page = await self._search(
+                "Endpoint", [*items, ("_count", str(PAGE))] + ([("_cursor", cursor)] if cursor else [])
+            )
+            matches += [orjson.loads(h.body) for h in page.matches]
+            included.update((h.id, orjson.loads(h.body)) for h in page.included)
+            cursor = page.next_cursor
+            if not cursor:
+                return matches, included
+
+    # -- writes ---------------------------------------------------------------------------
+    async def add(self, system: System) -> System:
+        """Register a validated system (see ``new_system``); 409 if its id is taken."""
+        if await self.get(system.client_id) is not None:
+            raise conflict(f"A system with id {system.client_id!r} is already registered.")
+        org_id, org_name, new_org = system.client_id, system.name, True
+        if system.organization:
+            page = await self._search("Organization", [("identifier", f"{ODS_SYSTEM}|{system.organization}")])
+            if page.matches:
+                found = orjson.loads(page.matches[0].body)
+                org_id, org_name, new_org = found["id"], found.get("name") or system.name, False
+            else:
+                org_id = system.organization
+        system = replace(system, organization_id=org_id, organization_name=org_name)
+        resources = ([organization_resource(system)] if new_org else []) + endpoint_resources(system)
+        prepared = [(r["id"], self.store.prepare(r["resourceType"], r)) for r in resources]
+
+        async def write(conn: Any) -> None:
+            for rid, item in prepared:
+                # create_in with our id: a concurrent registration of the same id hits the
+                # unique (type, id) constraint and becomes a 409, never a silent overwrite.
+                await self.store.create_in(conn, item, rid)
+
+        await self.store.db.write(write)
+        self.forget(system.client_id)
+        return system
+
+    async def set_status(self, client_id: str, status: str) -> System:
+        """Suspend or re-activate a system and all its Endpoints, in one transaction."""
+        page = await self._search(
+            "Endpoint", [("identifier", f"{CLIENT_ID_SYSTEM}|{client_id}"), ("_include", "Endpoint:organization")]
+        )
+        endpoints = [(h, orjson.loads(h.body)) for h in page.matches]
+        orgs = {h.id: orjson.loads(h.body) for h in page.included if h.type == "Organization"}
+        current = system_from_resources([e for _h, e in endpoints], orgs)
+        if current is None:
+            raise not_found(f"No system is registered with id {client_id!r}.")
+        updated = with_status(current, status)
+        prepared = []
+        for hit, endpoint in endpoints:
+            endpoint = {**endpoint, "status": status}
+            endpoint.pop("meta", None)
+            prepared.append((hit.id, self.store.prepare("Endpoint", endpoint, url_id=hit.id)))
+        versions = {hit.id: orjson.loads(hit.body)["meta"]["versionId"] for hit, _e in endpoints}
+
+        async def write(conn: Any) -> None:
+            for rid, item in prepared:
+                # If-Match: an edit made meanwhile (CLI or FHIR API) is not overwritten.
+                await self.store.update_in(conn, item, rid, f'W/"{versions[rid]}"')
+
+        try:
+            await self.store.db.write(write)
+        except FHIRError as exc:
+            if exc.status == 412:
+                raise conflict(f"System {client_id!r} changed meanwhile; run the command again.") from None
+            raise
+        self.forget(client_id)
+        return updated
