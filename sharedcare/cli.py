@@ -12,6 +12,7 @@ from rich.console import Console
 
 from sharedcare import __version__
 from sharedcare.registry.cli import participants_app
+from sharedcare.simulators.cli import app as simulate_app
 from sharedcare.settings import Settings, load_settings
 
 app = typer.Typer(
@@ -22,6 +23,7 @@ app = typer.Typer(
 db_app = typer.Typer(help="Database migrations.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(participants_app, name="participants")
+app.add_typer(simulate_app, name="simulate", help="Run the simulators (PDS, ...).")
 console = Console(stderr=True)
 
 
