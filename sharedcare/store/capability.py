@@ -101,6 +101,27 @@ def capability_statement(
                     "_total=accurate|none, _include and _revinclude (one level); unknown "
                     "parameters give 400 unless Prefer: handling=lenient."
                 ),
+                # SMART Backend Services (hl7.org/fhir/smart-app-launch/conformance.html):
+                # the token endpoint, also in /.well-known/smart-configuration.
+                "security": {
+                    "extension": [
+                        {
+                            "url": "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris",
+                            "extension": [{"url": "token", "valueUri": f"{base.rsplit('/fhir', 1)[0]}/oauth2/token"}],
+                        }
+                    ],
+                    "service": [
+                        {
+                            "coding": [
+                                {
+                                    "system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
+                                    "code": "SMART-on-FHIR",
+                                }
+                            ]
+                        }
+                    ],
+                    "description": "Bearer tokens from POST /oauth2/token (SMART Backend Services).",
+                },
                 "resource": resources,
                 "interaction": [{"code": c} for c in sorted(system_level)],
             }
