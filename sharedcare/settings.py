@@ -55,7 +55,7 @@ class Settings(BaseSettings):
     auto_migrate: bool = Field(
         True, description="Apply database migrations at start-up (`sharedcare db upgrade`)."
     )
-    db_pool_size: int = Field(10, ge=1, le=200, description="Database connections per process.")
+    db_pool_size: int = Field(20, ge=1, le=200, description="Database connections per process.")
     sqlite_synchronous: Literal["OFF", "NORMAL", "FULL", "EXTRA"] = Field(
         "NORMAL",
         description=(
