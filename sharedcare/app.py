@@ -12,6 +12,7 @@ from starlette.middleware import Middleware
 from starlette.routing import BaseRoute, Route
 
 from sharedcare import __version__
+from sharedcare.audit import AuditWriter
 from sharedcare.fhir.responses import EXCEPTION_HANDLERS
 from sharedcare.iam.middleware import AuthMiddleware
 from sharedcare.iam.routes import iam_routes
@@ -57,10 +58,15 @@ def create_app(settings: Settings | None = None) -> Starlette:
         )
         await iam.start(db, app.state.fhir)
         app.state.iam = iam
+        # Pathways that release patient data record through this writer before they respond.
+        audit = AuditWriter(db, store, hub_base=settings.fhir_base)
+        await audit.start()
+        app.state.audit = audit
         log.info("hub started", version=__version__, database=db.dialect, base_url=settings.public_base_url)
         try:
             yield
         finally:
+            await audit.stop()  # drains: every pending record is written before the db closes
             await iam.close()
             await db.close()
 
@@ -68,7 +74,12 @@ def create_app(settings: Settings | None = None) -> Starlette:
         db: Database = app.state.db
         await db.ping()
         current = await migrate.is_current(db)
-        return current, {"database": "ok", "migrations": "current" if current else "pending"}
+        audit: AuditWriter = app.state.audit
+        return current and audit.running, {
+            "database": "ok",
+            "migrations": "current" if current else "pending",
+            "audit": "running" if audit.running else "stopped",
+        }
 
     routes: list[BaseRoute] = [
         *health_routes(readiness),

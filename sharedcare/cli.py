@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 
 from sharedcare import __version__
+from sharedcare.audit.cli import audit_app
 from sharedcare.registry.cli import participants_app
 from sharedcare.simulators.cli import app as simulate_app
 from sharedcare.settings import Settings, load_settings
@@ -23,6 +24,7 @@ app = typer.Typer(
 db_app = typer.Typer(help="Database migrations.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(participants_app, name="participants")
+app.add_typer(audit_app, name="audit")
 app.add_typer(simulate_app, name="simulate", help="Run the simulators (PDS, ...).")
 console = Console(stderr=True)
 

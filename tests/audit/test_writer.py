@@ -1,0 +1,305 @@
+"""AuditWriter on both databases: group commit, durability before return, failures, search."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+import pytest
+from prometheus_client import REGISTRY
+from sqlalchemy import func, select, text
+
+from sharedcare.audit import AuditRecord, AuditWriter, request_id_of
+from sharedcare.audit import writer as writer_module
+from sharedcare.audit.metrics import get_audit_metrics
+from sharedcare.fhir.errors import FHIRError
+from sharedcare.store.db import Database
+from sharedcare.store.repository import Store
+from sharedcare.store.schema import change_log, resources
+from sharedcare.store.service import FhirService
+
+Make = Callable[..., AuditRecord]
+
+
+Writes = Callable[[Any, Any], Awaitable[Any]]
+
+
+def wrap_batch_write(
+    monkeypatch: pytest.MonkeyPatch, writer: AuditWriter, wrapper: Callable[[Writes], Writes]
+) -> None:
+    """Wrap what the writer writes a batch with: the store's create_many_in, or pgwrite's."""
+    if writer.fast_path:
+        monkeypatch.setattr(writer_module, "insert_events", wrapper(writer_module.insert_events))
+    else:
+        monkeypatch.setattr(writer.store, "create_many_in", wrapper(writer.store.create_many_in))
+
+
+def slow_by(seconds: float) -> Callable[[Writes], Writes]:
+    def wrapper(real: Writes) -> Writes:
+        async def slow(conn: Any, items: Any) -> Any:
+            await asyncio.sleep(seconds)  # a stalled database
+            return await real(conn, items)
+
+        return slow
+
+    return wrapper
+
+
+def _sample(name: str) -> float:
+    return REGISTRY.get_sample_value(name) or 0.0
+
+
+async def audit_count(db: Database) -> int:
+    async with db.read() as conn:
+        return int(
+            (await conn.execute(select(func.count()).where(resources.c.type == "AuditEvent"))).scalar_one()
+        )
+
+
+async def search_request_ids(fhir: FhirService, items: list[tuple[str, str]]) -> set[str]:
+    result = await fhir.search("AuditEvent", items)
+    assert isinstance(result.body, bytes)
+    bundle = orjson.loads(result.body)
+    return {request_id_of(e["resource"]) or "" for e in bundle.get("entry", ())}
+
+
+async def test_concurrent_records_share_transactions_and_are_durable_on_return(
+    writer: AuditWriter, store: Store, make_record: Make
+) -> None:
+    get_audit_metrics()
+    batched_before = _sample("sharedcare_audit_flush_batch_size_sum")
+    flushes_before = _sample("sharedcare_audit_flush_batch_size_count")
+
+    async def one(i: int) -> str:
+        record = make_record(request_id=f"gc-{i}", patient=f"Patient/p{i % 7}")
+        rid = await writer.record(record)
+        # Back from record() means committed: readable at once, from another connection.
+        stored = await store.read("AuditEvent", rid)
+        assert request_id_of(stored.resource()) == f"gc-{i}"
+        return rid
+
+    ids = await asyncio.gather(*(one(i) for i in range(200)))
+    assert len(set(ids)) == 200
+    assert writer.written == 200
+    assert writer.flushes <= 20, f"200 records took {writer.flushes} transactions"
+    assert writer.largest_batch >= 10
+    assert _sample("sharedcare_audit_flush_batch_size_sum") - batched_before == 200
+    assert _sample("sharedcare_audit_flush_batch_size_count") - flushes_before == writer.flushes
+    assert await audit_count(store.db) == 200
+    async with store.db.read() as conn:  # carried by the change log, in the same transactions
+        logged = (
+            await conn.execute(select(func.count()).where(change_log.c.type == "AuditEvent"))
+        ).scalar_one()
+    assert logged == 200
+
+
+async def test_an_idle_writer_commits_a_single_record_at_once(writer: AuditWriter, make_record: Make) -> None:
+    started = asyncio.get_running_loop().time()
+    await writer.record(make_record())
+    assert writer.flushes == 1
+    assert asyncio.get_running_loop().time() - started < 1.0  # no timer, no batching wait
+
+
+async def test_unreachable_database_fails_every_waiter(
+    backend: str, tmp_path: Any, store: Store, make_record: Make
+) -> None:
+    # A database that cannot be opened: a directory in place of the SQLite file, or a closed port.
+    if backend == "sqlite":
+        (tmp_path / "not-a-file.db").mkdir()
+        broken = Database(f"sqlite+aiosqlite:///{tmp_path / 'not-a-file.db'}")
+    else:
+        broken = Database("postgresql+asyncpg://nobody@127.0.0.1:1/none")
+    writer = AuditWriter(broken, Store(broken))
+    await writer.start()
+    try:
+        outcomes = await asyncio.gather(
+            *(writer.record(make_record()) for _ in range(50)), return_exceptions=True
+        )
+    finally:
+        await writer.stop()
+        await broken.close()
+    assert all(isinstance(o, FHIRError) and o.status == 503 for o in outcomes), outcomes
+    assert writer.written == 0
+
+
+async def test_failed_transaction_fails_its_waiters_writes_nothing_and_the_writer_recovers(
+    writer: AuditWriter, store: Store, make_record: Make
+) -> None:
+    def fail_after_inserting(real: Writes) -> Writes:
+        async def write(conn: Any, items: Any) -> Any:
+            await real(conn, items)  # the rows are in the transaction...
+            raise RuntimeError("disk full")  # ...which then fails
+
+        return write
+
+    with pytest.MonkeyPatch.context() as patch:
+        wrap_batch_write(patch, writer, fail_after_inserting)
+        outcomes = await asyncio.gather(
+            *(writer.record(make_record()) for _ in range(30)), return_exceptions=True
+        )
+    assert all(isinstance(o, FHIRError) and o.status == 503 for o in outcomes)
+    assert all(isinstance(o.__cause__, RuntimeError) for o in outcomes if isinstance(o, BaseException))
+    assert await audit_count(store.db) == 0  # rolled back: nothing claims success
+    rid = await writer.record(make_record())
+    assert (await store.read("AuditEvent", rid)).version == 1
+
+
+async def test_stop_drains_pending_records_then_refuses_new_ones(
+    db: Database, store: Store, make_record: Make
+) -> None:
+    writer = AuditWriter(db, store)
+    await writer.start()
+    tasks = [asyncio.create_task(writer.record(make_record())) for _ in range(50)]
+    await asyncio.sleep(0)  # every task has queued its record
+    await writer.stop()
+    assert len({await t for t in tasks}) == 50
+    assert await audit_count(db) == 50
+    with pytest.raises(FHIRError) as refused:
+        await writer.record(make_record())
+    assert refused.value.status == 503
+
+
+async def test_a_caller_that_times_out_gets_503_and_its_record_is_still_written(
+    db: Database, store: Store, make_record: Make, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writer = AuditWriter(db, store, timeout=0.05)
+    wrap_batch_write(monkeypatch, writer, slow_by(0.2))
+    await writer.start()
+    with pytest.raises(FHIRError) as timed_out:
+        await writer.record(make_record(request_id="slow-1"))
+    assert timed_out.value.status == 503
+    await writer.stop()  # drains: the record the caller gave up on is written anyway
+    assert await audit_count(db) == 1  # over-reporting a release is safe; under-reporting is not
+
+
+async def test_abandoned_releases_are_shed_but_refusals_are_always_written(
+    db: Database, store: Store, make_record: Make, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writer = AuditWriter(db, store, timeout=0.05, concurrency=1)
+    wrap_batch_write(monkeypatch, writer, slow_by(0.2))  # callers behind this flush time out
+    await writer.start()
+    first = asyncio.create_task(writer.record(make_record(request_id="in-flight")))
+    await asyncio.sleep(0.01)  # its flush has begun
+    queued = [
+        asyncio.create_task(writer.record(make_record(request_id="gave-up"))),
+        asyncio.create_task(writer.record(make_record(request_id="refused", outcome=4, released=0))),
+    ]
+    outcomes = await asyncio.gather(first, *queued, return_exceptions=True)
+    assert all(isinstance(o, FHIRError) and o.status == 503 for o in outcomes)
+    await writer.stop()
+    async with db.read() as conn:
+        bodies = (await conn.execute(select(resources.c.body).where(resources.c.type == "AuditEvent"))).scalars()
+        written = {request_id_of(orjson.loads(b)) for b in bodies}
+    # Nothing was released to any of them; the refusal is on the trail regardless.
+    assert written == {"in-flight", "refused"}
+
+
+async def test_a_backlog_beyond_max_pending_is_refused_at_once(
+    db: Database, store: Store, make_record: Make, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writer = AuditWriter(db, store, max_pending=5, concurrency=1)
+    wrap_batch_write(monkeypatch, writer, slow_by(0.1))
+    await writer.start()
+    tasks = [asyncio.create_task(writer.record(make_record())) for _ in range(20)]
+    outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+    await writer.stop()
+    refused = [o for o in outcomes if isinstance(o, FHIRError)]
+    assert len(refused) == 15 and all(o.status == 503 for o in refused)  # shed, not queued
+    assert await audit_count(db) == 5 == writer.written
+
+
+async def test_audit_commits_wait_for_the_wal_even_if_the_server_does_not(
+    backend: str, database_url: str, make_record: Make
+) -> None:
+    if backend != "postgresql":
+        pytest.skip("a PostgreSQL setting")
+    name = database_url.rsplit("/", 1)[1]
+    admin = Database(database_url)
+    async with admin.engine.connect() as conn:
+        await conn.execute(text(f'ALTER DATABASE "{name}" SET synchronous_commit = off'))
+        await conn.commit()
+    seen: list[str] = []
+    db = Database(database_url)  # new connections get the database's setting
+    try:
+        writer = AuditWriter(db, Store(db))
+
+        def spy(real: Writes) -> Writes:
+            async def write(conn: Any, items: Any) -> Any:
+                seen.append((await conn.execute(text("SHOW synchronous_commit"))).scalar_one())
+                return await real(conn, items)
+
+            return write
+
+        with pytest.MonkeyPatch.context() as patch:
+            wrap_batch_write(patch, writer, spy)
+            await writer.start()
+            await writer.record(make_record())
+            await writer.stop()
+    finally:
+        async with admin.engine.connect() as conn:
+            await conn.execute(text(f'ALTER DATABASE "{name}" RESET synchronous_commit'))
+            await conn.commit()
+        await db.close()
+        await admin.close()
+    assert seen == ["on"]
+
+
+async def test_validate_mode_runs_the_store_validation(db: Database, store: Store, make_record: Make) -> None:
+    writer = AuditWriter(db, store, validate=True)
+    await writer.start()
+    try:
+        rid = await writer.record(make_record())
+    finally:
+        await writer.stop()
+    assert (await store.read("AuditEvent", rid)).resource()["outcome"] == "0"
+
+
+def _day(month: int) -> datetime:
+    return datetime(2026, month, 1, 12, 0, tzinfo=UTC)
+
+
+TRAIL: list[dict[str, Any]] = [
+    {"request_id": "a", "recorded": _day(1), "patient": "Patient/p1", "user_id": "u-1", "organization": "RR8"},
+    {"request_id": "b", "recorded": _day(2), "patient": "Patient/p1", "user_id": "u-2", "user_name": "Sam Taylor",
+     "organization": "B82005", "organization_ref": "Organization/org-b"},
+    {"request_id": "c", "recorded": _day(3), "patient": "Patient/p2", "user_id": "u-1", "organization": "RR8",
+     "outcome": 4, "outcome_desc": "consent withheld", "released": 0, "withheld": 9},
+    {"request_id": "d", "recorded": _day(4), "patient": "Patient/p2", "user_id": "u-3", "organization": "RR8",
+     "action": "read", "resource": "providers/gp-1/Observation/o-1", "providers": ("gp-1",)},
+]
+
+SEARCHES: list[tuple[str, list[tuple[str, str]], set[str]]] = [
+    ("by patient", [("patient", "Patient/p1")], {"a", "b"}),
+    ("by patient, bare id", [("patient", "p2")], {"c", "d"}),
+    ("by entity", [("entity", "Patient/p2")], {"c", "d"}),
+    ("by user id", [("altid", "u-1")], {"a", "c"}),
+    ("by user name", [("agent-name", "sam")], {"b"}),
+    ("by user role", [("agent-role", "R8000")], {"a", "b", "c", "d"}),
+    ("by organisation ODS code", [("altid", "B82005")], {"b"}),
+    ("by organisation resource", [("agent", "Organization/org-b")], {"b"}),
+    ("from a date", [("date", "ge2026-02-01")], {"b", "c", "d"}),
+    ("in a month", [("date", "eq2026-03")], {"c"}),
+    ("patient and date", [("patient", "Patient/p2"), ("date", "lt2026-04-01")], {"c"}),
+    ("user and organisation", [("altid", "u-1"), ("altid", "RR8")], {"a", "c"}),
+    ("refusals", [("outcome", "4")], {"c"}),
+    ("reads", [("subtype", "http://hl7.org/fhir/restful-interaction|read")], {"d"}),
+    ("searches", [("action", "E")], {"a", "b", "c"}),
+    ("asked a provider", [("entity-role", "17")], {"a", "b", "c", "d"}),
+    ("resource released", [("entity", "Observation/o-1")], {"d"}),
+]
+
+
+async def test_auditors_find_events_through_fhir_search(
+    writer: AuditWriter, fhir: FhirService, make_record: Make
+) -> None:
+    await asyncio.gather(*(writer.record(make_record(**row)) for row in TRAIL))
+    # One trail, every search of the table (one database setup instead of one per search).
+    failures = []
+    for name, items, expected in SEARCHES:
+        found = await search_request_ids(fhir, items)
+        if found != expected:
+            failures.append(f"{name} {items}: found {sorted(found)}, expected {sorted(expected)}")
+    assert failures == []
