@@ -24,9 +24,10 @@ Metric                                                  Type       Meaning
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
+
+from sharedcare.metrics.registry import lazy
 
 if TYPE_CHECKING:
     from prometheus_client import Counter, Gauge, Histogram
@@ -49,20 +50,6 @@ class AuditMetrics:
     flush_duration_seconds: Histogram
     record_duration_seconds: Histogram
     pending: Gauge
-
-
-_lock = threading.Lock()
-_metrics: AuditMetrics | None = None
-
-
-def get_audit_metrics() -> AuditMetrics:
-    """The audit metrics, registered (and prometheus_client imported) on first use."""
-    global _metrics
-    if _metrics is None:
-        with _lock:
-            if _metrics is None:
-                _metrics = _create()
-    return _metrics
 
 
 def _create() -> AuditMetrics:
@@ -103,3 +90,7 @@ def _create() -> AuditMetrics:
             multiprocess_mode="livesum",
         ),
     )
+
+
+get_audit_metrics = lazy(_create)
+

@@ -41,6 +41,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
+from sharedcare.metrics.registry import lazy
+
 if TYPE_CHECKING:
     from prometheus_client import Counter, Gauge
 
@@ -59,20 +61,6 @@ class ConsentMetrics:
     reviews: Counter
     records: Gauge
     reloads: Counter
-
-
-_lock = threading.Lock()
-_metrics: ConsentMetrics | None = None
-
-
-def consent_metrics() -> ConsentMetrics:
-    """The consent metrics, created once per process."""
-    global _metrics
-    if _metrics is None:
-        with _lock:
-            if _metrics is None:
-                _metrics = _create()
-    return _metrics
 
 
 def _create() -> ConsentMetrics:
@@ -112,6 +100,10 @@ def _create() -> ConsentMetrics:
             ["outcome"],
         ),
     )
+
+
+consent_metrics = lazy(_create)
+
 
 
 def _type_label(rtype: str) -> str:

@@ -27,9 +27,10 @@ prometheus_client process mode too early (see ``sharedcare.metrics.registry``).
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
+
+from sharedcare.metrics.registry import lazy
 
 if TYPE_CHECKING:
     from prometheus_client import Counter
@@ -52,20 +53,6 @@ class IamMetrics:
     duplicate_jti: Counter
     expired_tokens: Counter
     requests_rejected: Counter
-
-
-_lock = threading.Lock()
-_metrics: IamMetrics | None = None
-
-
-def iam_metrics() -> IamMetrics:
-    """The IAM counters, created once per process."""
-    global _metrics
-    if _metrics is None:
-        with _lock:
-            if _metrics is None:
-                _metrics = _create()
-    return _metrics
 
 
 def _create() -> IamMetrics:
@@ -95,6 +82,10 @@ def _create() -> IamMetrics:
     for reason in REQUEST_REJECTIONS:
         metrics.requests_rejected.labels(reason=reason)
     return metrics
+
+
+iam_metrics = lazy(_create)
+
 
 
 def record_claim(participant: str | None, reason: str | None) -> None:

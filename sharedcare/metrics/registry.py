@@ -41,9 +41,10 @@ import os
 import sys
 import threading
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Final, Literal
+from typing import TYPE_CHECKING, Final, Literal, TypeVar
 
 if TYPE_CHECKING:
     from prometheus_client import Counter, Gauge, Histogram
@@ -88,6 +89,9 @@ READ_OPERATIONS: Final = frozenset({"read", "vread", "search", "history"})
 WRITE_OPERATIONS: Final = frozenset({"create", "update", "delete"})
 
 
+T = TypeVar("T")
+
+
 @dataclass(frozen=True, slots=True)
 class Metrics:
     """The process's metric objects."""
@@ -99,19 +103,24 @@ class Metrics:
     log_fatal_total: Counter
 
 
-_lock = threading.Lock()
-_metrics: Metrics | None = None
+def lazy(create: Callable[[], T]) -> Callable[[], T]:
+    """A getter that calls ``create`` once, on first use, from any thread.
 
+    Every capability's metrics are made this way, so prometheus_client is imported (and its
+    multiprocess mode decided) only when a metric is first used; the lock matters because
+    sync endpoints run in a thread pool and registering twice raises "Duplicated timeseries".
+    """
+    lock = threading.Lock()
+    made: list[T] = []
 
-def get_metrics() -> Metrics:
-    """Return the metrics, creating them (and importing prometheus_client) on first use."""
-    global _metrics
-    if _metrics is None:
-        # Sync endpoints run in a thread pool; registering twice would raise "Duplicated timeseries".
-        with _lock:
-            if _metrics is None:
-                _metrics = _create_metrics()
-    return _metrics
+    def get() -> T:
+        if not made:
+            with lock:
+                if not made:
+                    made.append(create())
+        return made[0]
+
+    return get
 
 
 def _create_metrics() -> Metrics:
@@ -152,6 +161,10 @@ def _create_metrics() -> Metrics:
         # signal, skipping atexit, so render_metrics() also prunes files of vanished pids.
         atexit.register(_mark_this_process_dead)
     return metrics
+
+
+get_metrics = lazy(_create_metrics)
+
 
 
 def _mark_this_process_dead() -> None:

@@ -24,9 +24,10 @@ prometheus_client process mode too early (see ``sharedcare.metrics.registry``).
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
+
+from sharedcare.metrics.registry import lazy
 
 if TYPE_CHECKING:
     from prometheus_client import Counter, Histogram
@@ -40,20 +41,6 @@ TRACE_DURATION_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 
 class PixMetrics:
     tracing_results: Counter
     tracing_duration: Histogram
-
-
-_lock = threading.Lock()
-_metrics: PixMetrics | None = None
-
-
-def pix_metrics() -> PixMetrics:
-    """The index's metrics, created once per process."""
-    global _metrics
-    if _metrics is None:
-        with _lock:
-            if _metrics is None:
-                _metrics = _create()
-    return _metrics
 
 
 def _create() -> PixMetrics:
@@ -75,6 +62,10 @@ def _create() -> PixMetrics:
     for outcome in TRACE_OUTCOMES:  # export every series at zero from the first scrape
         metrics.tracing_results.labels(outcome=outcome)
     return metrics
+
+
+pix_metrics = lazy(_create)
+
 
 
 def record_trace(outcome: str, latency_s: float) -> None:
