@@ -42,7 +42,6 @@ Specimen                   type
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from functools import cache
 from typing import Any, Final
 
 # (element, is a list of CodeableConcept); CodeableConcept otherwise.
@@ -131,20 +130,3 @@ def resource_codes(resource: Mapping[str, Any], rtype: str, relevant: Relevant) 
             if codings:
                 out += pick(codings, relevant)
     return out
-
-
-@cache
-def r4_resource_types() -> frozenset[str]:
-    """Concrete R4 resource type names (from fhirpathpy's R4 model, as the store does)."""
-    from fhirpathpy.models import models
-
-    parents: dict[str, str] = models["r4"]["type2Parent"]
-
-    def is_resource(name: str) -> bool:
-        while name in parents:
-            name = parents[name]
-            if name == "Resource":
-                return True
-        return False
-
-    return frozenset(t for t in parents if is_resource(t)) - {"DomainResource"}

@@ -107,7 +107,7 @@ consent_metrics = lazy(_create)
 
 
 def _type_label(rtype: str) -> str:
-    from sharedcare.consent.features import r4_resource_types
+    from sharedcare.store.searchparams import r4_resource_types
 
     if rtype.startswith("<") or rtype in r4_resource_types():
         return rtype

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from sharedcare.consent.features import Key, r4_resource_types
+from sharedcare.consent.features import Key
 from sharedcare.consent.model import (
     RESERVED_RULE_IDS,
     RULE_DEFAULT,
@@ -23,6 +23,7 @@ from sharedcare.consent.model import (
     Outcome,
     RequestContext,
 )
+from sharedcare.store.searchparams import r4_resource_types
 
 DEFAULT_POLICY_FILE: Final = "default-policy.toml"
 RULE_ID_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")

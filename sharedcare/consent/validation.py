@@ -12,7 +12,6 @@ from datetime import UTC, datetime
 from typing import Any, Final
 
 from sharedcare.consent.dates import DateError, date_range, period_span
-from sharedcare.consent.features import r4_resource_types
 from sharedcare.consent.model import (
     CONSENT_ACTION,
     CONSENT_SCOPE,
@@ -29,6 +28,7 @@ from sharedcare.consent.records import (
     is_privacy_consent,
 )
 from sharedcare.fhir.errors import FHIRError
+from sharedcare.store.searchparams import r4_resource_types
 
 STATUSES: Final = ("draft", "proposed", "active", "rejected", "inactive", "entered-in-error")
 ACTIONS: Final = ("collect", "access", "correct", "disclose", "use")

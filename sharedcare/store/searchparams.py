@@ -88,7 +88,7 @@ def _definitions() -> tuple[dict[str, Any], ...]:
 
 
 @cache
-def _resource_types() -> frozenset[str]:
+def r4_resource_types() -> frozenset[str]:
     """Concrete R4 resource type names, from fhirpathpy's R4 model (type -> parent)."""
     parents: dict[str, str] = _fhirpath_models["r4"]["type2Parent"]
 
@@ -127,7 +127,7 @@ def load_search_params(types: Iterable[str]) -> dict[str, dict[str, SearchParam]
     Raises ValueError for a name that is not an R4 resource type.
     """
     wanted = list(dict.fromkeys(types))
-    unknown = [t for t in wanted if t not in _resource_types()]
+    unknown = [t for t in wanted if t not in r4_resource_types()]
     if unknown:
         raise ValueError(f"not FHIR R4 resource types: {', '.join(unknown)}")
     result: dict[str, dict[str, SearchParam]] = {t: {} for t in wanted}

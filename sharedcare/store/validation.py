@@ -33,6 +33,7 @@ from fhirpathpy.models import models as _fhirpath_models
 from pydantic import ValidationError
 
 from sharedcare.fhir.errors import FHIRError, Issue
+from sharedcare.store.searchparams import r4_resource_types
 
 ID_RE = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 _MAX_ISSUES = 20
@@ -106,20 +107,6 @@ def _model(resource_type: str) -> Any:
 
 
 @cache
-def _resource_types() -> frozenset[str]:
-    parents: dict[str, str] = _R4["type2Parent"]
-
-    def is_resource(name: str) -> bool:
-        while name in parents:
-            name = parents[name]
-            if name == "Resource":
-                return True
-        return False
-
-    return frozenset(t for t in parents if is_resource(t)) - {"DomainResource"}
-
-
-@cache
 def _backbones() -> frozenset[str]:
     """Model paths that are backbone elements (``Patient.contact``): prefixes of other paths."""
     out: set[str] = set()
@@ -172,7 +159,7 @@ class _Walker:
             self.add(where, "structure", f"must be a JSON object holding a resource, not {_json_name(value)}.")
             return
         rtype = value.get("resourceType")
-        if rtype not in _resource_types():
+        if rtype not in r4_resource_types():
             self.add(f"{where}.resourceType", "structure", f"{rtype!r} is not an R4 resource type.")
             return
         self.complex(value, rtype, where, skip=("resourceType",))
