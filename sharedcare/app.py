@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import structlog
@@ -12,6 +12,10 @@ from starlette.middleware import Middleware
 from starlette.routing import BaseRoute, Route
 
 from sharedcare import __version__
+from sharedcare.consent import hub as consent_hub
+from sharedcare.messaging import hub as messaging_hub
+from sharedcare.pix import hub as pix_hub
+from sharedcare.query import hub as query_hub
 from sharedcare.audit import AuditWriter
 from sharedcare.fhir.responses import EXCEPTION_HANDLERS
 from sharedcare.iam.middleware import AuthMiddleware
@@ -29,6 +33,8 @@ from sharedcare.store.routes import store_routes
 from sharedcare.store.service import FhirService
 
 log = structlog.get_logger("sharedcare.app")
+# Capabilities that plug into the hub: routes before the store's generic ones, lifespans in order.
+CAPABILITIES = (pix_hub, consent_hub, query_hub, messaging_hub)
 
 
 def create_app(settings: Settings | None = None) -> Starlette:
@@ -64,7 +70,10 @@ def create_app(settings: Settings | None = None) -> Starlette:
         app.state.audit = audit
         log.info("hub started", version=__version__, database=db.dialect, base_url=settings.public_base_url)
         try:
-            yield
+            async with AsyncExitStack() as capabilities:
+                for capability in CAPABILITIES:
+                    await capabilities.enter_async_context(capability.lifespan(app))
+                yield
         finally:
             await audit.stop()  # drains: every pending record is written before the db closes
             await iam.close()
@@ -85,6 +94,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         *health_routes(readiness),
         Route("/fhir/metadata", metadata, methods=["GET"]),
         *iam_routes(),
+        *(route for capability in CAPABILITIES for route in capability.routes()),
         *store_routes(),
     ]
     app = Starlette(

@@ -16,6 +16,8 @@ from sharedcare.store.db import Database
 # Every capability's tables live on one metadata and one migration history: import them
 # here so that whoever migrates (or truncates, in tests) sees all of them.
 import sharedcare.queue.schema  # noqa: E402,F401,I001
+import sharedcare.pix.schema  # noqa: E402,F401,I001
+import sharedcare.messaging.schema  # noqa: E402,F401,I001
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 # Alembic narrates every connection at INFO; the CLI and app report the outcome themselves.

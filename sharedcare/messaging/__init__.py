@@ -1,0 +1,1 @@
+"""Reliable transactional messaging: send, deliver, acknowledge, resend, dedupe."""

@@ -1,0 +1,1 @@
+"""Synchronous federated query: fan-out to the providers that know the person, merge, deadline."""
