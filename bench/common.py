@@ -308,10 +308,18 @@ class CpuMeter:
     last poll; processes that appear during the phase count from zero.
     """
 
-    def __init__(self, groups: dict[str, Callable[[], list[int]]], interval: float = 0.25):
+    def __init__(
+        self,
+        groups: dict[str, Callable[[], list[int]]],
+        interval: float = 0.25,
+        detail: tuple[str, ...] = (),
+    ):
         import threading
 
         self.groups = groups
+        # Sub-groups (parts of another group, e.g. a hub's workers): also reported per
+        # process, and not added again to the machine total.
+        self.detail = detail
         self.interval = interval
         self._before: dict[str, dict[int, float]] = {}
         self._last: dict[str, dict[int, float]] = {}
@@ -356,12 +364,19 @@ class CpuMeter:
             used = sum(max(0.0, v - before.get(p, 0.0)) for p, v in self._last.get(g, {}).items())
             out[f"{g}_cores"] = round(used / wall, 3) if wall else None
             out[f"{g}_processes_seen"] = len(self._last.get(g, {}))
+            if g in self.detail and wall:
+                out[f"{g}_cores_by_process"] = {
+                    str(p): round(max(0.0, v - before.get(p, 0.0)) / wall, 3)
+                    for p, v in sorted(self._last.get(g, {}).items())
+                }
         dt = total1 - self._m0[1]
         out["machine_busy_pct"] = round(100.0 * (busy1 - self._m0[0]) / dt, 1) if dt else None
         if wall:
             machine = (busy1 - self._m0[0]) / wall
             ours = sum(
-                v for k, v in out.items() if k.endswith("_cores") and v
+                v
+                for k, v in out.items()
+                if k.endswith("_cores") and v and k[: -len("_cores")] not in self.detail
             )  # before other_cores
             out["machine_busy_cores"] = round(machine, 3)
             # CPU used by processes outside the benchmark (other work on a shared machine).

@@ -127,6 +127,11 @@ def _rate_by_quarter(series: list[tuple[float, int]], window: float) -> list[flo
     return [round(s / q, 1) for s in sums]
 
 
+def _per_worker(cpu: dict[str, Any]) -> str:
+    """Cores used by each hub worker, e.g. ``0.61/0.58``: how evenly connections spread."""
+    return "/".join(f"{c:.2f}" for c in cpu.get("workers_cores_by_process", {}).values())
+
+
 def _pid_list(load: LoadGenerator) -> list[int]:
     return [load.pid] if load.pid else []
 
@@ -197,6 +202,8 @@ class Runner:
             self.result["authenticated"] = self.auth is not None
             load = stack.enter_context(LoadGenerator(hub.base, args.client))
             groups = {"hub": hub.pids, "client": lambda: [load.pid] if load.pid else []}
+            if args.workers > 1:  # how evenly the connections spread: CPU of each worker
+                groups["workers"] = hub.worker_pids
             if pg is not None:
                 # Backends serving the bench database (their process title names it): the
                 # server's shared processes and other databases' backends are not ours.
@@ -259,7 +266,7 @@ class Runner:
                     f"  machine busy with other work ({quiet['busy_cores']} cores) after waiting "
                     f"{quiet['waited_s']} s; measuring anyway"
                 )
-        meter = CpuMeter(self.groups)
+        meter = CpuMeter(self.groups, detail=("workers",))
         spy = None
         if phase.name in self.args.profile:
             raw = self.out_dir / f"profile-{self.backend}-{phase.name}.txt"
@@ -293,6 +300,7 @@ class Runner:
             f" ok {res['ok']}, failed {res['failed']} {res['statuses'] if res['failed'] else ''}"
             f" | cores: hub {cpu.get('hub_cores')}, pg {cpu.get('postgres_cores', '-')},"
             f" client {cpu.get('client_cores')}, other {cpu.get('other_cores')}"
+            + (f" | per worker {_per_worker(cpu)}" if cpu.get("workers_cores_by_process") else "")
         )
         if res["error_samples"]:
             log(f"  errors: {res['error_samples'][:2]}")
@@ -472,7 +480,8 @@ def _row(backend: str, name: str, res: dict[str, Any], target: str = "") -> list
         lat["p99"],
         res["ok"],
         res["failed"],
-        common.fmt(cpu.get("hub_cores"), 2),
+        common.fmt(cpu.get("hub_cores"), 2)
+        + (f" ({_per_worker(cpu)})" if cpu.get("workers_cores_by_process") else ""),
         common.fmt(cpu.get("postgres_cores"), 2),
         common.fmt(cpu.get("client_cores"), 2),
         common.fmt(cpu.get("other_cores"), 2),
@@ -548,7 +557,7 @@ def report(results: list[dict[str, Any]], markdown: bool = False) -> None:
         "p99 ms",
         "ok",
         "failed",
-        "hub cores",
+        "hub cores (per worker)",
         "pg cores",
         "client cores",
         "other cores",
@@ -699,6 +708,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Run the hub from git revision REV (git archive) instead of the work tree.",
     )
     p.add_argument(
+        "--source-dir",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="Run the hub from the source tree at PATH (e.g. a fixed base plus your changes).",
+    )
+    p.add_argument(
         "--pg-admin-dsn",
         default=common.PG_ADMIN_DSN,
         help="Database used to CREATE/DROP the bench database.",
@@ -744,8 +760,7 @@ def main(argv: list[str] | None = None) -> int:
 
         report(json.loads(args.report.read_text())["results"], args.markdown)
         return 0
-    args.source_dir = None
-    source_commit = None
+    source_commit = str(args.source_dir) if args.source_dir else None
     if args.source:
         args.source_dir, source_commit = common.export_revision(args.source)
     ts = common.timestamp()
@@ -788,7 +803,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         doc["duration_s"] = round(time.time() - started, 1)
         common.write_json(json_path, doc)
-        if args.source_dir is not None:
+        if args.source is not None:
             import shutil
 
             shutil.rmtree(args.source_dir, ignore_errors=True)

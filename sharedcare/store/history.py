@@ -79,7 +79,7 @@ async def history(
         )
     query = query.order_by(v.last_updated.desc(), v.rid.desc(), v.version.desc()).limit(count + 1)
     async with db.read() as conn:
-        rows: list[Any] = (await conn.execute(query)).all()
+        rows: list[Any] = list((await conn.execute(query)).all())
     more = len(rows) > count
     rows = rows[:count]
     versions = [Version(*row[:6]) for row in rows]

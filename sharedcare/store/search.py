@@ -4,28 +4,42 @@ Each clause becomes ``rid IN (SELECT rid FROM idx_<kind> WHERE type, param, valu
 both SQLite and PostgreSQL drive the search from the narrow index table. Paging is by
 keyset on (sort key, rid) carried in an opaque ``_cursor``: stable under concurrent
 inserts, and as cheap on page 1,000 as on page 1 (search.html#paging).
+
+Statements are built once per *shape* of a search (type, parameters, modifiers, the kind
+and number of values, sort, cursor direction) with bind parameters for the values, and
+kept in an LRU cache: building a SQLAlchemy expression tree per request was a third of an
+identifier search's CPU in bench/store.py's profile. On PostgreSQL a search that runs
+outside a caller's transaction goes straight to the asyncpg connection
+(:meth:`Database.driver`) with the statement compiled once per shape.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
+from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
     ColumnElement,
+    DateTime,
+    Integer,
     Select,
     and_,
+    bindparam,
     false,
     func,
-    literal,
     not_,
     or_,
     select,
     true,
     tuple_,
 )
+from sqlalchemy.engine import Dialect
+from sqlalchemy.sql.elements import BindParameter
 
 from sharedcare.fhir.errors import FHIRError
 from sharedcare.store.db import Database
@@ -58,7 +72,124 @@ def _prefix_upper(value: str) -> str:
     return value + "\U0010ffff"
 
 
-def _date_cond(lo: Any, hi: Any, prefix: str, low: datetime, high: datetime) -> ColumnElement[bool]:
+# --------------------------------------------------------------------------- shapes
+#
+# A search's shape is everything that decides the SQL text; its values go into bind
+# parameters v0, v1, ... in the order the shape lists them. `_shape` computes both from a
+# plan (plain Python, cheap); `_statements` builds the SQL for a shape (cached).
+
+# Type/id, optionally versioned (the version is ignored: search.html#reference).
+_LITERAL_REF = re.compile(
+    r"([A-Z][A-Za-z]+)/([A-Za-z0-9\-.]{1,64})(?:/_history/[A-Za-z0-9\-.]{1,64})?"
+)
+
+ValueShape = tuple[str, int]  # (variant, number of bound values)
+ClauseShape = tuple[str, str | None, str | None, Any]  # (name, kind, modifier, values' shapes)
+
+
+def _value_shape(clause: Clause, value: Any, base_url: str) -> tuple[ValueShape, tuple[Any, ...]]:
+    """The SQL variant one search value needs, and the values it binds."""
+    assert clause.param is not None
+    kind = clause.param.type
+    if kind == "token":
+        system, code = value
+        bound = (() if code is None else (code,)) + (() if not system else (system,))
+        variant = ("c" if code is not None else "") + (
+            "n" if system == "" else "s" if system else ""
+        )
+        return ("token-" + variant, len(bound)), bound
+    if kind == "string":
+        if clause.modifier == "exact":
+            return ("exact", 1), (value,)
+        if clause.modifier == "contains":
+            escaped = value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            return ("contains", 1), (f"%{escaped}%",)
+        return ("prefix", 2), (value, _prefix_upper(value))
+    if kind == "date":
+        prefix, low, high = value
+        return ("date-" + prefix, 2), (low, high)
+    if kind == "reference":
+        return _reference_shape(clause, value, base_url)
+    return ("uri", 1), (value,)
+
+
+def _reference_shape(
+    clause: Clause, value: str, base_url: str
+) -> tuple[ValueShape, tuple[Any, ...]]:
+    """search.html#reference: ``id``, ``Type/id`` (also under this server's base, and with a
+    ``/_history/n`` that is ignored), or any other absolute URL matched as written."""
+    if value.startswith(base_url + "/"):
+        value = value[len(base_url) + 1 :]
+    if "://" in value or value.startswith("urn:"):
+        return ("url", 1), (value,)
+    if "/" in value:
+        m = _LITERAL_REF.fullmatch(value)
+        if m is None:
+            return ("url", 1), (value,)
+        return ("typed", 2), (m[1], m[2])
+    if clause.modifier and clause.modifier != "missing":  # subject:Patient=123
+        return ("typed", 2), (clause.modifier, value)
+    return ("id", 1), (value,)
+
+
+def _shape(
+    plan: SearchPlan, base_url: str, backwards: bool
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The plan's shape (hashable) and its bound values by parameter name."""
+    values: list[Any] = []
+    clauses: list[ClauseShape] = []
+    for clause in plan.clauses:
+        kind = clause.param.type if clause.param is not None else None
+        if clause.modifier == "missing":
+            clauses.append((clause.name, kind, "missing", bool(clause.values[0])))
+            continue
+        if clause.name == "_id" and kind is None:
+            values.extend(clause.values)
+            clauses.append((clause.name, None, clause.modifier, len(clause.values)))
+            continue
+        if kind is None:  # _lastUpdated
+            shapes: list[ValueShape] = []
+            for prefix, low, high in clause.values:
+                shapes.append((prefix, 2))
+                values.extend((low, high))
+            clauses.append((clause.name, None, clause.modifier, tuple(shapes)))
+            continue
+        shapes = []
+        for value in clause.values:
+            shape, bound = _value_shape(clause, value, base_url)
+            shapes.append(shape)
+            values.extend(bound)
+        clauses.append((clause.name, kind, clause.modifier, tuple(shapes)))
+    cursor: str | None = None
+    if plan.cursor is not None:
+        _direction, ts, rid = plan.cursor
+        if (plan.sort_desc is None) != (ts is None):
+            raise FHIRError.of(
+                400,
+                "invalid",
+                "The _cursor value belongs to a search with a different _sort (or to a history); "
+                "follow the next/previous links of one search without changing its parameters.",
+            )
+        cursor = "keyset"
+        values.extend((rid,) if ts is None else (ts, rid))
+    named = {f"v{i}": v for i, v in enumerate(values)}
+    named["limit"] = plan.count + 1
+    return (plan.rtype, tuple(clauses), plan.sort_desc, backwards, cursor), named
+
+
+class _Binds:
+    """Hands out bind parameters v0, v1, ... in the order `_shape` listed their values."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def take(self, count: int, type_: Any = None) -> list[BindParameter[Any]]:
+        out = [bindparam(f"v{self.n + i}", type_=type_) for i in range(count)]
+        self.n += count
+        return out
+
+
+def _date_cond(lo: Any, hi: Any, prefix: str, low: Any, high: Any) -> ColumnElement[bool]:
     # hl7.org/fhir/R4/search.html#prefix: compare the resource's range [lo, hi) with the
     # search value's range [low, high).
     contained = and_(lo >= low, hi <= high)
@@ -72,7 +203,7 @@ def _date_cond(lo: Any, hi: Any, prefix: str, low: datetime, high: datetime) -> 
     }[prefix]
 
 
-def _instant_cond(ts: Any, prefix: str, low: datetime, high: datetime) -> ColumnElement[bool]:
+def _instant_cond(ts: Any, prefix: str, low: Any, high: Any) -> ColumnElement[bool]:
     """A stored instant (``_lastUpdated``) against the search range ``[low, high)``.
 
     The store keeps microseconds, so the instant is the range ``[ts, ts + 1µs)``; with
@@ -88,104 +219,155 @@ def _instant_cond(ts: Any, prefix: str, low: datetime, high: datetime) -> Column
     }[prefix]
 
 
-# Type/id, optionally versioned (the version is ignored: search.html#reference).
-_LITERAL_REF = re.compile(
-    r"([A-Z][A-Za-z]+)/([A-Za-z0-9\-.]{1,64})(?:/_history/[A-Za-z0-9\-.]{1,64})?"
-)
-
-
-def _value_cond(clause: Clause, table: Any, value: Any, base_url: str) -> ColumnElement[bool]:
-    assert clause.param is not None
-    kind = clause.param.type
-    if kind == "token":
-        system, code = value
+def _value_sql(table: Any, shape: ValueShape, b: list[BindParameter[Any]]) -> ColumnElement[bool]:
+    variant = shape[0]
+    c = table.c
+    if variant.startswith("token-"):
+        flags = variant[6:]
         conds = []
-        if code is not None:
-            conds.append(table.c.code == code)
-        if system == "":
-            conds.append(table.c.system.is_(None))
-        elif system is not None:
-            conds.append(table.c.system == system)
-        return and_(*conds)
-    if kind == "string":
-        if clause.modifier == "exact":
-            return table.c.exact == value
-        if clause.modifier == "contains":
-            escaped = value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-            return table.c.norm.like(f"%{escaped}%", escape="\\")
-        return and_(table.c.norm >= value, table.c.norm < _prefix_upper(value))
-    if kind == "date":
-        return _date_cond(table.c.low, table.c.high, *value)
-    if kind == "reference":
-        return _reference_cond(clause, table, value, base_url)
-    return table.c.value == value
+        i = 0
+        if "c" in flags:
+            conds.append(c.code == b[i])
+            i += 1
+        if "n" in flags:
+            conds.append(c.system.is_(None))
+        elif "s" in flags:
+            conds.append(c.system == b[i])
+        return and_(*conds) if conds else true()
+    if variant == "exact":
+        return c.exact == b[0]
+    if variant == "contains":
+        return c.norm.like(b[0], escape="\\")
+    if variant == "prefix":
+        return and_(c.norm >= b[0], c.norm < b[1])
+    if variant.startswith("date-"):
+        return _date_cond(c.low, c.high, variant[5:], b[0], b[1])
+    if variant == "url":
+        return c.url == b[0]
+    if variant == "typed":
+        return and_(c.target_type == b[0], c.target_id == b[1])
+    if variant == "id":
+        return c.target_id == b[0]
+    return c.value == b[0]
 
 
-def _reference_cond(clause: Clause, table: Any, value: str, base_url: str) -> ColumnElement[bool]:
-    """search.html#reference: ``id``, ``Type/id`` (also under this server's base, and with a
-    ``/_history/n`` that is ignored), or any other absolute URL matched as written."""
-    if value.startswith(base_url + "/"):
-        value = value[len(base_url) + 1 :]
-    if "://" in value or value.startswith("urn:"):
-        return table.c.url == value
-    if "/" in value:
-        m = _LITERAL_REF.fullmatch(value)
-        if m is None:
-            return table.c.url == value
-        return and_(table.c.target_type == m[1], table.c.target_id == m[2])
-    if clause.modifier and clause.modifier != "missing":  # subject:Patient=123
-        return and_(table.c.target_type == clause.modifier, table.c.target_id == value)
-    return table.c.target_id == value
-
-
-def clause_condition(plan: SearchPlan, clause: Clause, base_url: str) -> ColumnElement[bool]:
+def _clause_sql(rtype: str, clause: ClauseShape, binds: _Binds) -> ColumnElement[bool]:
     """One AND-ed clause as a condition on ``resources``."""
+    name, kind, modifier, shapes = clause
     r = resources.c
-    if clause.param is None:  # _id / _lastUpdated: every resource has both
-        if clause.modifier == "missing":
-            return false() if clause.values[0] else true()
-        if clause.name == "_id":
-            matched = r.id.in_(list(clause.values))
-            return not_(matched) if clause.modifier == "not" else matched
-        return or_(*(_instant_cond(r.last_updated, *value) for value in clause.values))
-    table = INDEX_TABLES[clause.param.type]
-    scoped = and_(table.c.type == plan.rtype, table.c.param == clause.name)
-    if clause.modifier == "missing":
+    if kind is None:  # _id / _lastUpdated: every resource has both
+        if modifier == "missing":
+            return false() if shapes else true()
+        if name == "_id":
+            matched = r.id.in_(binds.take(shapes))
+            return not_(matched) if modifier == "not" else matched
+        return or_(
+            *(_instant_cond(r.last_updated, p, *binds.take(2, DateTime())) for p, _n in shapes)
+        )
+    table = INDEX_TABLES[kind]
+    scoped = and_(table.c.type == rtype, table.c.param == name)
+    if modifier == "missing":
         present = r.rid.in_(select(table.c.rid).where(scoped))
-        return not_(present) if clause.values[0] else present
-    matches = or_(*(_value_cond(clause, table, v, base_url) for v in clause.values))
+        return not_(present) if shapes else present
+    matches = or_(*(_value_sql(table, shape, binds.take(shape[1])) for shape in shapes))
     subquery = select(table.c.rid).where(scoped, matches)
-    if clause.modifier == "not":  # search.html#modifiers: resources without a matching token
+    if modifier == "not":  # search.html#modifiers: resources without a matching token
         return r.rid.not_in(subquery)
     return r.rid.in_(subquery)
 
 
-def _where(plan: SearchPlan, base_url: str) -> list[ColumnElement[bool]]:
-    conds: list[ColumnElement[bool]] = [resources.c.type == plan.rtype, resources.c.deleted == false()]
-    conds.extend(clause_condition(plan, c, base_url) for c in plan.clauses)
-    return conds
+@dataclass(slots=True)
+class _Statements:
+    page: Select[Any]
+    count: Select[Any]
+    compiled: dict[str, tuple[str, tuple[str, ...], dict[str, Any]]]
 
 
-def _keyset(plan: SearchPlan, backwards: bool) -> tuple[list[Any], ColumnElement[bool] | None]:
-    """ORDER BY columns and the cursor condition for this page."""
+@lru_cache(maxsize=1024)
+def _statements(shape: tuple[Any, ...]) -> _Statements:
+    rtype, clauses, sort_desc, backwards, cursor = shape
+    binds = _Binds()
     r = resources.c
-    descending = bool(plan.sort_desc) != backwards
-    cols = [r.rid] if plan.sort_desc is None else [r.last_updated, r.rid]
-    order = [c.desc() if descending else c.asc() for c in cols]
-    if plan.cursor is None:
-        return order, None
-    _direction, ts, rid = plan.cursor
-    if (plan.sort_desc is None) != (ts is None):
-        raise FHIRError.of(
-            400,
-            "invalid",
-            "The _cursor value belongs to a search with a different _sort (or to a history); "
-            "follow the next/previous links of one search without changing its parameters.",
+    where: list[ColumnElement[bool]] = [r.type == rtype, r.deleted == false()]
+    where.extend(_clause_sql(rtype, c, binds) for c in clauses)
+    descending = bool(sort_desc) != backwards
+    cols = [r.rid] if sort_desc is None else [r.last_updated, r.rid]
+    order = [col.desc() if descending else col.asc() for col in cols]
+    after: ColumnElement[bool] = true()
+    if cursor is not None:
+        if sort_desc is None:
+            key: Any = binds.take(1, BigInteger())[0]
+            left: Any = r.rid
+        else:
+            key = tuple_(*binds.take(1, DateTime()), *binds.take(1, BigInteger()))
+            left = tuple_(*cols)
+        after = (left < key) if descending else (left > key)
+    page = (
+        select(r.rid, r.type, r.id, r.last_updated, r.body)
+        .where(*where, after)
+        .order_by(*order)
+        .limit(bindparam("limit", type_=Integer()))
+    )
+    return _Statements(page, select(func.count()).where(*where), {})
+
+
+# --------------------------------------------------------------------------- execution
+
+
+class _Rows:
+    """Runs statements on a SQLAlchemy connection (SQLite, or inside a caller's transaction)."""
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+
+    async def rows(
+        self, stmt: Any, values: dict[str, Any] | None = None
+    ) -> Sequence[Sequence[Any]]:
+        return (await self.conn.execute(stmt, values or {})).all()
+
+    async def cached_rows(
+        self, stmts: _Statements, which: str, values: dict[str, Any]
+    ) -> Sequence[Sequence[Any]]:
+        return await self.rows(getattr(stmts, which), values)
+
+
+class _DriverRows(_Rows):
+    """Runs statements on a bare asyncpg connection, compiled for PostgreSQL once per shape."""
+
+    def __init__(self, conn: Any, dialect: Dialect) -> None:
+        super().__init__(conn)
+        self.dialect = dialect
+
+    async def rows(
+        self, stmt: Any, values: dict[str, Any] | None = None
+    ) -> Sequence[Sequence[Any]]:
+        sql, names, defaults = _pg_compile(stmt, self.dialect, values)
+        return await self.conn.fetch(sql, *[defaults[n] for n in names])
+
+    async def cached_rows(
+        self, stmts: _Statements, which: str, values: dict[str, Any]
+    ) -> Sequence[Sequence[Any]]:
+        compiled = stmts.compiled.get(which)
+        if compiled is None:
+            compiled = stmts.compiled[which] = _pg_compile(
+                getattr(stmts, which), self.dialect, None
+            )
+        sql, names, defaults = compiled
+        return await self.conn.fetch(
+            sql, *[values[n] if n in values else defaults[n] for n in names]
         )
-    key = [rid] if plan.sort_desc is None else [ts, rid]
-    left = tuple_(*cols) if len(cols) > 1 else cols[0]
-    right = tuple_(*[literal(k) for k in key]) if len(key) > 1 else key[0]
-    return order, (left < right) if descending else (left > right)
+
+
+def _pg_compile(
+    stmt: Any, dialect: Dialect, values: dict[str, Any] | None
+) -> tuple[str, tuple[str, ...], dict[str, Any]]:
+    """PostgreSQL SQL with positional ($n) parameters, their names in order, and bound values."""
+    compiled = stmt.compile(dialect=dialect, compile_kwargs={"render_postcompile": True})
+    # Values go to asyncpg as they are: every type used here converts nothing on the way in.
+    processors = getattr(compiled, "_bind_processors", {}).values()
+    assert all(not p or (isinstance(p, tuple) and not any(p)) for p in processors), processors
+    params = compiled.construct_params(values, _check=False) if values else dict(compiled.params)
+    return compiled.string, tuple(compiled.positiontup or ()), params
 
 
 async def run_search(
@@ -193,41 +375,39 @@ async def run_search(
 ) -> SearchPage:
     """One page of matches (and included resources); inside ``conn``'s transaction if given."""
     if conn is not None:
-        return await _run(conn, plan, base_url)
+        return await _run(_Rows(conn), plan, base_url)
+    if db.dialect == "postgresql":
+        async with db.driver() as driver_conn:
+            return await _run(_DriverRows(driver_conn, db.engine.dialect), plan, base_url)
     async with db.read() as read_conn:
-        return await _run(read_conn, plan, base_url)
+        return await _run(_Rows(read_conn), plan, base_url)
 
 
-async def _run(conn: Any, plan: SearchPlan, base_url: str) -> SearchPage:
+async def _run(ex: _Rows, plan: SearchPlan, base_url: str) -> SearchPage:
     backwards = plan.cursor is not None and plan.cursor[0] == "before"
-    where = _where(plan, base_url)
-    order, after = _keyset(plan, backwards)
-    r = resources.c
-    query: Select[Any] = (
-        select(r.rid, r.type, r.id, r.last_updated, r.body)
-        .where(*where, after if after is not None else true())
-        .order_by(*order)
-        .limit(plan.count + 1)
-    )
-    rows = (await conn.execute(query)).all() if plan.count else []
+    shape, values = _shape(plan, base_url, backwards)
+    stmts = _statements(shape)
+    rows = await ex.cached_rows(stmts, "page", values) if plan.count else []
     more = len(rows) > plan.count
     hits = [Hit(*row) for row in rows[: plan.count]]
     if backwards:
         if not hits and plan.count:
             # Nothing is left before the cursor (those matches were deleted): the previous
             # page is the first page, so the client still gets a page with a next link.
-            return await _run(conn, replace(plan, cursor=None), base_url)
+            return await _run(ex, replace(plan, cursor=None), base_url)
         hits.reverse()
     total: int | None = None
     if plan.total == "accurate":
         if plan.cursor is None and not more and plan.count:
             total = len(hits)  # the whole result is on this page: no second query
         else:
-            total = (await conn.execute(select(func.count()).where(*where))).scalar_one()
-    included = await _included(conn, plan, hits) if hits else []
+            total = (await ex.cached_rows(stmts, "count", values))[0][0]
+    included = await _included(ex, plan, hits) if hits else []
 
     def cursor(direction: str, hit: Hit) -> str:
-        return encode_cursor(direction, hit.last_updated if plan.sort_desc is not None else None, hit.rid)
+        return encode_cursor(
+            direction, hit.last_updated if plan.sort_desc is not None else None, hit.rid
+        )
 
     next_cursor = prev_cursor = None
     if hits:
@@ -238,42 +418,74 @@ async def _run(conn: Any, plan: SearchPlan, base_url: str) -> SearchPage:
     return SearchPage(hits, included, total, next_cursor, prev_cursor)
 
 
-async def _included(conn: Any, plan: SearchPlan, hits: list[Hit]) -> list[Hit]:
+@lru_cache(maxsize=256)
+def _include_refs(pname: str, target: str | None, n: int) -> _Statements:
+    """References held by ``n`` matches under ``pname`` (to ``target`` only, if given)."""
+    ref = idx_reference.c
+    query = select(ref.target_type, ref.target_id).where(
+        ref.rid.in_(_Binds().take(n, BigInteger())), ref.param == pname, ref.target_id.is_not(None)
+    )
+    if target:
+        query = query.where(ref.target_type == target)
+    return _Statements(query, query, {})
+
+
+@lru_cache(maxsize=256)
+def _include_targets(n: int) -> _Statements:
+    """Current resources with ``n`` (type, id) pairs (v0, v1 = type, id of the first, ...)."""
     r = resources.c
-    rids = [h.rid for h in hits]
+    binds = _Binds()
+    pairs = [tuple_(*binds.take(2)) for _ in range(n)]
+    query = (
+        select(r.rid, r.type, r.id, r.last_updated, r.body)
+        .where(tuple_(r.type, r.id).in_(pairs), r.deleted == false())
+        .order_by(r.rid)
+        .limit(MAX_INCLUDED)
+    )
+    return _Statements(query, query, {})
+
+
+@lru_cache(maxsize=256)
+def _revinclude_sources(source: str, pname: str, rtype: str, n: int) -> _Statements:
+    """``source`` resources whose ``pname`` refers to one of ``n`` ids of type ``rtype``."""
+    r = resources.c
+    ref = idx_reference.c
+    referring = select(ref.rid).where(
+        ref.type == source,
+        ref.param == pname,
+        ref.target_type == rtype,
+        ref.target_id.in_(_Binds().take(n)),
+    )
+    query = (
+        select(r.rid, r.type, r.id, r.last_updated, r.body)
+        .where(r.rid.in_(referring), r.deleted == false())
+        .order_by(r.rid)
+        .limit(MAX_INCLUDED)
+    )
+    return _Statements(query, query, {})
+
+
+def _numbered(values: Sequence[Any]) -> dict[str, Any]:
+    return {f"v{i}": v for i, v in enumerate(values)}
+
+
+async def _included(ex: _Rows, plan: SearchPlan, hits: list[Hit]) -> list[Hit]:
+    rids = _numbered([h.rid for h in hits])
     seen = {(h.type, h.id) for h in hits}
     out: list[Hit] = []
     for _source, pname, target in plan.includes:
-        refs = select(idx_reference.c.target_type, idx_reference.c.target_id).where(
-            idx_reference.c.rid.in_(rids),
-            idx_reference.c.param == pname,
-            idx_reference.c.target_id.is_not(None),
-        )
-        if target:
-            refs = refs.where(idx_reference.c.target_type == target)
-        pairs = {(t, i) for t, i in (await conn.execute(refs)).all()}
+        refs = await ex.cached_rows(_include_refs(pname, target, len(hits)), "page", rids)
+        pairs = sorted({(t, i) for t, i in refs})
         if pairs:
-            query = (
-                select(r.rid, r.type, r.id, r.last_updated, r.body)
-                .where(tuple_(r.type, r.id).in_(sorted(pairs)), r.deleted == false())
-                .order_by(r.rid)
-                .limit(MAX_INCLUDED)
-            )
-            out.extend(Hit(*row) for row in (await conn.execute(query)).all())
+            flat = _numbered([x for pair in pairs for x in pair])
+            rows = await ex.cached_rows(_include_targets(len(pairs)), "page", flat)
+            out.extend(Hit(*row) for row in rows)
     for source, pname in plan.revincludes:
-        referring = select(idx_reference.c.rid).where(
-            idx_reference.c.type == source,
-            idx_reference.c.param == pname,
-            idx_reference.c.target_type == plan.rtype,
-            idx_reference.c.target_id.in_([h.id for h in hits]),
+        ids = _numbered([h.id for h in hits])
+        rows = await ex.cached_rows(
+            _revinclude_sources(source, pname, plan.rtype, len(hits)), "page", ids
         )
-        query = (
-            select(r.rid, r.type, r.id, r.last_updated, r.body)
-            .where(r.rid.in_(referring), r.deleted == false())
-            .order_by(r.rid)
-            .limit(MAX_INCLUDED)
-        )
-        out.extend(Hit(*row) for row in (await conn.execute(query)).all())
+        out.extend(Hit(*row) for row in rows)
     unique: list[Hit] = []
     for hit in out:
         if (hit.type, hit.id) not in seen:

@@ -70,6 +70,8 @@ class SearchPlan:
 
 def _split_escaped(raw: str, sep: str, maxsplit: int = -1) -> list[str]:
     """Split on ``sep`` where it is not escaped by a backslash; pieces stay escaped."""
+    if "\\" not in raw:  # nothing escaped (nearly every value): str.split is exact
+        return raw.split(sep, maxsplit)
     parts: list[str] = []
     start = i = 0
     while i < len(raw):
@@ -87,6 +89,8 @@ def _split_escaped(raw: str, sep: str, maxsplit: int = -1) -> list[str]:
 
 def unescape(value: str) -> str:
     """Undo search.html#escaping: ``\\,`` ``\\|`` ``\\$`` ``\\\\``; other backslashes stay."""
+    if "\\" not in value:
+        return value
     return _ESCAPE.sub(r"\1", value)
 
 
@@ -147,7 +151,9 @@ def _decode_cursor(value: str) -> tuple[str, datetime | None, int]:
             raise ValueError
         return direction, when, rid
     except (ValueError, TypeError, orjson.JSONDecodeError):
-        raise _bad("The _cursor value is not one this server issued; start the search again.") from None
+        raise _bad(
+            "The _cursor value is not one this server issued; start the search again."
+        ) from None
 
 
 def _bad(message: str) -> FHIRError:
@@ -207,11 +213,18 @@ def parse_search(
                 f"_id, _lastUpdated, {', '.join(sorted(params))}."
             )
             if lenient:
-                plan.warnings.append(Issue("not-supported", message + " It was ignored.", "warning"))
+                plan.warnings.append(
+                    Issue("not-supported", message + " It was ignored.", "warning")
+                )
                 continue
             raise FHIRError.of(400, "not-supported", message)
         mod = modifier or None
-        if mod and param is not None and param.type == "reference" and _is_type_modifier(param, mod):
+        if (
+            mod
+            and param is not None
+            and param.type == "reference"
+            and _is_type_modifier(param, mod)
+        ):
             pass  # a type modifier, e.g. subject:Patient=123
         elif mod and mod not in allowed:
             supported = ", ".join(sorted(":" + m for m in allowed))
@@ -270,7 +283,9 @@ def _parse_result_param(
     if name == "_sort":
         if raw not in ("_lastUpdated", "-_lastUpdated"):
             raise FHIRError.of(
-                400, "not-supported", f"_sort={raw!r} is not supported; use _lastUpdated or -_lastUpdated."
+                400,
+                "not-supported",
+                f"_sort={raw!r} is not supported; use _lastUpdated or -_lastUpdated.",
             )
         plan.sort_desc = raw.startswith("-")
         return True
@@ -299,7 +314,9 @@ def _parse_result_param(
                 )
             plan.includes.append((source, pname, target or None))
         else:
-            if (param.targets and plan.rtype not in param.targets) or (target and target != plan.rtype):
+            if (param.targets and plan.rtype not in param.targets) or (
+                target and target != plan.rtype
+            ):
                 raise _bad(
                     f"_revinclude={raw!r}: {source}:{pname} cannot refer to the searched type {plan.rtype}."
                 )
