@@ -34,6 +34,11 @@ from sharedcare.iam.tokens import TokenInvalid
 
 DIRECTORY_TYPES = frozenset({"Organization", "Practitioner", "PractitionerRole", "Endpoint"})
 REGISTRY_TYPES = frozenset({"Organization", "Endpoint"})
+# Writes a system may make without end-user context: a provider registering the people it
+# holds records for (IHE PIXm feed, issue 4) acts as a system, and a create or update releases
+# no patient data. The write scope is still required; the pix routes check that the caller is
+# a provider writing identifiers it owns, and send anyone else back to the end-user rule.
+SYSTEM_WRITES = frozenset({("Patient", "c"), ("Patient", "u")})
 PUBLIC_FHIR = frozenset({"/fhir/metadata", "/fhir/.well-known/smart-configuration"})
 REALM = 'Bearer realm="sharedcare"'
 Interaction = tuple[str, str]  # (resource type, one of "cruds")
@@ -45,6 +50,10 @@ def interactions(method: str, path: str, if_none_exist: bool = False) -> list[In
     if len(segments) >= 3 and segments[0] == "providers":  # federated ids: /fhir/providers/{P}/{Type}/...
         segments = segments[2:]
     if not segments:
+        return []
+    if segments[0] in ("$process-message", "$mailbox"):
+        # System-to-system messaging (issue 7): no store interaction and no end-user context;
+        # the messaging routes check system/MessageHeader.{c,s,r} themselves.
         return []
     rtype, rest = segments[0], segments[1:]
     if method in ("GET", "HEAD"):
@@ -128,6 +137,10 @@ class AuthMiddleware:
         if denied is not None:
             reason, message, wanted = denied
             record_request_rejected(reason, context.client_id)
+            # issue 5: a refused patient-data request is on the audit trail before the 403
+            from sharedcare.consent.gate import audit_refusal
+
+            await audit_refusal(scope, context, message, [rtype for rtype, _ in needed])
             headers: dict[str, str] = {}
             if wanted:  # RFC 6750 §3.1
                 headers["WWW-Authenticate"] = f'{REALM}, error="insufficient_scope", scope="{wanted}"'
@@ -171,7 +184,7 @@ class AuthMiddleware:
             if rtype in REGISTRY_TYPES and permission in "cud" and not grants.admin:
                 message = f"Changing {rtype} resources (the participant registry) needs the scope {ADMIN_SCOPE}."
                 return "insufficient_scope", message, ADMIN_SCOPE
-            if rtype not in DIRECTORY_TYPES and not context.has_end_user:
+            if rtype not in DIRECTORY_TYPES and not context.has_end_user and (rtype, permission) not in SYSTEM_WRITES:
                 message = (
                     f"{rtype} is patient data: the access token must carry requesting_user, "
                     "requesting_organization and reason_for_access."

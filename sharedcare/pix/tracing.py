@@ -74,6 +74,7 @@ __all__ = [
     "normalise_name",
     "normalise_postcode",
     "trace_handler",
+    "trace_item",
     "trace_worker",
 ]
 
@@ -359,6 +360,16 @@ async def enqueue_trace(
     queue a new trace. Traces of one registration run in enqueue order. Raises ValueError for
     an NHS number that fails Modulus 11 (refuse the registration instead).
     """
+    payload, default_key = trace_item(registration_id, nhs_number, demographics)
+    return await queue.enqueue(
+        conn, TRACE_QUEUE, payload, key=key or default_key, partition=registration_id
+    )
+
+
+def trace_item(
+    registration_id: str, nhs_number: str, demographics: Demographics
+) -> tuple[dict[str, Any], str]:
+    """The queue payload and default idempotency key of one trace (bulk loads insert many at once)."""
     if not registration_id or len(registration_id) > 200:
         raise ValueError("registration_id must be 1..200 characters")
     problem = explain_invalid(nhs_number)
@@ -369,10 +380,8 @@ async def enqueue_trace(
         "nhs_number": normalise_nhs_number(nhs_number),
         "demographics": asdict(demographics),
     }
-    if key is None:
-        digest = hashlib.sha256(orjson.dumps(payload, option=orjson.OPT_SORT_KEYS)).hexdigest()[:32]
-        key = f"{registration_id}:{digest}"
-    return await queue.enqueue(conn, TRACE_QUEUE, payload, key=key, partition=registration_id)
+    digest = hashlib.sha256(orjson.dumps(payload, option=orjson.OPT_SORT_KEYS)).hexdigest()[:32]
+    return payload, f"{registration_id}:{digest}"
 
 
 def _gave_up(item: queue.Item, backoff: queue.Backoff) -> bool:

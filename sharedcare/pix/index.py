@@ -1,0 +1,971 @@
+"""The patient index: people, their linkages to provider records, merges and tracing results.
+
+A *person* is a hub Patient resource (``Patient/{id}``, the golden record consent and audit
+refer to) plus a ``pix_people`` row keyed by the same id with the NHS number. A *linkage* is
+one provider's registration: (provider, local identifier system, value) → person, with a
+status and a last-updated time. Status values (:data:`STATUSES`):
+
+============  ===============================================================================
+pending       has a valid NHS number; a PDS trace is queued or retrying
+unverified    no NHS number given: kept, never routed, listed for review
+verified      PDS confirmed the NHS number and demographics: the only status queries route to
+mismatch      PDS knows the number but the demographics differ: flagged, not linked
+not_found     PDS has no record of the number
+error         PDS answered with a permanent error, or stayed unreachable for a day
+unlinked      an operator detached the registration (kept for history)
+============  ===============================================================================
+
+Merges follow HL7 v2 A40: the replaced person's row points to the survivor
+(``merged_into``), its linkages move to the survivor with a history row each, its Patient
+is marked inactive with ``link`` ``replaced-by``; nothing is deleted. Unmerge is refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Final
+
+import orjson
+from asyncpg.exceptions import InterfaceError as _PGInterfaceError
+from asyncpg.exceptions import PostgresConnectionError as _PGConnectionError
+from asyncpg.exceptions import PostgresError as _PGError
+from sqlalchemy import and_, func, insert, select, update
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.pool import QueuePool
+from sqlalchemy.util import greenlet_spawn
+
+from sharedcare.fhir.errors import FHIRError
+from sharedcare.pix.nhs import NHS_NUMBER_SYSTEM
+from sharedcare.pix.registration import Refused, Registration, refuse
+from sharedcare.pix.schema import pix_link_history, pix_links, pix_merges, pix_people
+from sharedcare.pix.tracing import Demographics, TraceOutcome, TraceResult, enqueue_trace
+from sharedcare.store.db import Database
+from sharedcare.store.repository import Prepared, Store, now_utc
+
+__all__ = [
+    "PENDING",
+    "ROUTABLE",
+    "STATUSES",
+    "Linkage",
+    "PatientIndex",
+    "Person",
+    "RegisterResult",
+    "golden_patient",
+]
+
+PENDING, UNVERIFIED, VERIFIED = "pending", "unverified", "verified"
+MISMATCH, NOT_FOUND, ERROR, UNLINKED = "mismatch", "not_found", "error", "unlinked"
+STATUSES: Final = (PENDING, UNVERIFIED, VERIFIED, MISMATCH, NOT_FOUND, ERROR, UNLINKED)
+ROUTABLE: Final = frozenset({VERIFIED})
+REVIEW: Final = (PENDING, UNVERIFIED, MISMATCH, NOT_FOUND, ERROR)
+TRACE_STATUS: Final = {
+    TraceOutcome.VERIFIED: VERIFIED,
+    TraceOutcome.MISMATCH: MISMATCH,
+    TraceOutcome.NOT_FOUND: NOT_FOUND,
+    TraceOutcome.PERMANENT_ERROR: ERROR,
+    TraceOutcome.TRANSIENT_ERROR: ERROR,  # only reported once the queue gave up
+}
+MAX_MERGE_HOPS: Final = 16
+
+
+@dataclass(frozen=True, slots=True)
+class Linkage:
+    provider: str  # client_id of the provider system (registry)
+    system: str  # the provider's local identifier system
+    value: str  # the provider's local patient id (its Patient/{value})
+    status: str  # one of STATUSES
+    updated: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Person:
+    id: str  # the hub Patient id; "Patient/{id}" is what consent and audit reference
+    nhs_number: str | None
+    links: tuple[Linkage, ...]
+
+    @property
+    def routable(self) -> tuple[Linkage, ...]:
+        """Links a query may be routed to: verified only."""
+        return tuple(link for link in self.links if link.status in ROUTABLE)
+
+
+@dataclass(frozen=True, slots=True)
+class RegisterResult:
+    link_id: int
+    person_id: str | None
+    status: str
+    created: bool  # a new linkage (201) rather than an update or repeat (200)
+    changed: bool  # something was written
+
+
+@dataclass(frozen=True, slots=True)
+class ReviewItem:
+    link_id: int
+    provider: str
+    system: str
+    value: str
+    status: str
+    person_id: str | None
+    nhs_number: str | None
+    reasons: str | None
+    updated: datetime
+
+
+def golden_patient(nhs_number: str | None, demographics: Demographics) -> dict[str, Any]:
+    """The hub's Patient for a person: NHS number and demographics only, no clinical data."""
+    patient: dict[str, Any] = {"resourceType": "Patient", "active": True}
+    if nhs_number:
+        patient["identifier"] = [{"system": NHS_NUMBER_SYSTEM, "value": nhs_number}]
+    name: dict[str, Any] = {"use": "official", "family": demographics.family}
+    if demographics.given:
+        name["given"] = [demographics.given]
+    patient["name"] = [name]
+    patient["gender"] = demographics.gender
+    patient["birthDate"] = demographics.birth_date
+    if demographics.postcode:
+        patient["address"] = [{"use": "home", "postalCode": demographics.postcode}]
+    return patient
+
+
+def prepare_golden(store: Store, nhs_number: str | None, demographics: Demographics) -> Prepared:
+    """The golden Patient ready to write. Built by the hub from checked values, so it skips
+    the pydantic model pass (the audit writer does the same for its server-built events)."""
+    body = golden_patient(nhs_number, demographics)
+    return Prepared("Patient", body, store.indexer.extract(body))
+
+
+def _registration_id(link_id: int, revision: int) -> str:
+    return f"{link_id}.{revision}"
+
+
+def _demographics_of(row: Any) -> Demographics:
+    return Demographics(row.family, row.given, row.birth_date, row.gender, row.postcode)
+
+
+def _demographic_values(reg: Registration) -> dict[str, Any]:
+    d = reg.demographics
+    return {
+        "family": d.family,
+        "given": d.given,
+        "birth_date": d.birth_date,
+        "gender": d.gender,
+        "postcode": d.postcode,
+    }
+
+
+_PERSON_LINKS = select(
+    pix_people.c.id,
+    pix_people.c.nhs_number,
+    pix_people.c.merged_into,
+    pix_links.c.provider,
+    pix_links.c.system,
+    pix_links.c.value,
+    pix_links.c.status,
+    pix_links.c.updated,
+).select_from(pix_people.outerjoin(pix_links, pix_links.c.person_id == pix_people.c.id))
+
+
+_FIND_COLUMNS = (
+    "SELECT p.id, p.nhs_number, p.merged_into, l.provider, l.system, l.value, l.status, l.updated "
+    "FROM pix_people p LEFT OUTER JOIN pix_links l ON l.person_id = p.id WHERE "
+)
+_FIND_BY_NHS = _FIND_COLUMNS + "p.nhs_number = $1"
+_FIND_BY_ID = _FIND_COLUMNS + "p.id = $1"
+# A local identifier → its linkage and the person it claims, in one round trip (the person's
+# rows come from the same statement; merges are followed afterwards by id).
+_FIND_LINK = (
+    "SELECT k.id AS link_id, k.provider AS link_provider, k.system AS link_system, "
+    "k.value AS link_value, k.status AS link_status, k.person_id AS link_person, "
+    "k.nhs_number AS link_nhs, k.reasons AS link_reasons, k.updated AS link_updated, "
+    "p.id, p.nhs_number, p.merged_into, l.provider, l.system, l.value, l.status, l.updated "
+    "FROM pix_links k LEFT OUTER JOIN pix_people p ON p.id = k.person_id "
+    "LEFT OUTER JOIN pix_links l ON l.person_id = p.id WHERE k.system = $1 AND k.value = $2"
+)
+LEASE_WAIT_S: Final = 5.0  # the longest a lookup waits for a connection before answering 503
+LEASE_IDLE_S: Final = 1.0  # an idle lookup lease gives its connection back to the pool after this
+# SQLSTATE classes of a connection that failed or was refused: connection exception,
+# insufficient resources (too many clients), operator intervention (shutdown, starting up).
+_CONNECTION_SQLSTATES: Final = ("08", "53", "57P01", "57P02", "57P03")
+
+
+def unavailable() -> FHIRError:
+    """The 503 a request gets when the database has no connection for it (never a 500)."""
+    return FHIRError.of(
+        503,
+        "transient",
+        "The patient index database has no connection free (the hub is at capacity); retry "
+        "shortly.",
+        headers={"Retry-After": "1"},
+    )
+
+
+def is_connection_failure(exc: BaseException) -> bool:
+    """Pool exhausted, server out of connections, or a connection lost: retryable, a 503."""
+    if isinstance(exc, PoolTimeout | OSError | _PGInterfaceError | _PGConnectionError):
+        return True
+    if isinstance(exc, DBAPIError):
+        if exc.connection_invalidated:
+            return True
+        orig = exc.orig
+        cause = getattr(orig, "__cause__", None)
+        if isinstance(orig, OSError) or isinstance(cause, OSError | _PGConnectionError):
+            return True
+        state = str(getattr(orig, "sqlstate", None) or getattr(cause, "sqlstate", None) or "")
+        return state.startswith(_CONNECTION_SQLSTATES)
+    return False
+
+
+@asynccontextmanager
+async def connection_failures_as_503() -> AsyncIterator[None]:
+    """Turn a connection failure (see :func:`is_connection_failure`) into :func:`unavailable`."""
+    try:
+        yield
+    except FHIRError:
+        raise
+    except Exception as exc:
+        if is_connection_failure(exc):
+            raise unavailable() from exc
+        raise
+
+
+async def driver_connection(conn: AsyncConnection) -> Any:
+    """The asyncpg connection under a SQLAlchemy connection (PostgreSQL fast paths)."""
+    raw = await conn.get_raw_connection()
+    driver: Any = raw.driver_connection
+    return driver
+
+
+def _person(rows: Sequence[Any]) -> Person | None:
+    if not rows:
+        return None
+    first = rows[0]
+    links = tuple(
+        Linkage(r["provider"], r["system"], r["value"], r["status"], r["updated"])
+        for r in rows
+        if r["provider"] is not None
+    )
+    return Person(first["id"], first["nhs_number"], links)
+
+
+async def _follow_pg(driver: Any, rows: Sequence[Any]) -> Person | None:
+    """The person of ``rows`` (people ⟕ links), following merges to the survivor."""
+    for _ in range(MAX_MERGE_HOPS):
+        if not rows or rows[0]["id"] is None:
+            return None
+        survivor = rows[0]["merged_into"]
+        if survivor is None:
+            return _person(rows)
+        rows = await driver.fetch(_FIND_BY_ID, survivor)
+    return _person(rows)
+
+
+class PatientIndex:
+    """The index over one database and the hub's store (``app.state.pix``)."""
+
+    def __init__(self, db: Database, store: Store, *, keep_connections: bool = False):
+        self.db = db
+        self.store = store
+        # Lookups (PostgreSQL) take one of ``slots`` leases rather than a connection each:
+        # more concurrent lookups than the pool holds only made the pool open and close
+        # overflow connections per request (a new backend each time, bench/pix.py) and run
+        # the server out of connections. Half the pool is left for everything else (audit,
+        # registrations, the registry). With ``keep_connections`` (the hub; the owner must
+        # call :meth:`close` before closing the database) a lease keeps its pooled
+        # connection while lookups keep coming — no pool checkout per lookup, half a
+        # lookup's CPU — and gives it back after :data:`LEASE_IDLE_S` without one.
+        self._keep = keep_connections and db.dialect == "postgresql"
+        self.lease_wait = LEASE_WAIT_S
+        pool = db.engine.pool
+        size = pool.size() if isinstance(pool, QueuePool) else 2
+        slots = max(1, size // 2) if db.dialect == "postgresql" else 8
+        self._lookups = asyncio.Semaphore(slots)
+        self._idle: list[Any] = []  # pooled connections kept by idle leases
+        self._used = 0  # lookups since the last trim
+        self._trim: asyncio.TimerHandle | None = None
+        self._returning: set[asyncio.Future[Any]] = set()  # keeps the close tasks referenced
+
+    @asynccontextmanager
+    async def _driver(self) -> AsyncIterator[Any]:
+        """PostgreSQL: an asyncpg connection for a lookup, in autocommit; 503 (Retry-After)
+        when no lease comes free in :data:`LEASE_WAIT_S` or the server has no connection."""
+        try:
+            async with asyncio.timeout(self.lease_wait):
+                await self._lookups.acquire()
+        except TimeoutError:
+            raise unavailable() from None
+        try:
+            if self._idle:
+                pooled = self._idle.pop()
+            else:
+                try:
+                    async with connection_failures_as_503(), asyncio.timeout(self.lease_wait):
+                        pooled = await self.db.engine.raw_connection()
+                except TimeoutError:  # the pool is exhausted by other work
+                    raise unavailable() from None
+            healthy = True
+            try:
+                yield pooled.driver_connection
+            except _PGError as exc:  # the statement failed; the autocommit connection is fine
+                if is_connection_failure(exc):
+                    healthy = False
+                    raise unavailable() from exc
+                if getattr(exc, "sqlstate", None) == "57014":
+                    raise FHIRError.of(
+                        504, "timeout", "The database did not answer in time; retry later."
+                    ) from exc
+                raise
+            except BaseException as exc:
+                # Cancelled or broken mid-statement: the protocol state is unknown. Errors
+                # of the caller's own code leave the connection usable.
+                healthy = isinstance(exc, Exception) and not isinstance(
+                    exc, OSError | _PGInterfaceError
+                )
+                if isinstance(exc, OSError | _PGInterfaceError):
+                    raise unavailable() from exc
+                raise
+            finally:
+                if healthy and not self._keep:
+                    await greenlet_spawn(pooled.close)
+                elif healthy:
+                    self._idle.append(pooled)
+                    self._used += 1
+                    if self._trim is None:
+                        self._trim = asyncio.get_running_loop().call_later(
+                            LEASE_IDLE_S, self._trim_idle
+                        )
+                else:
+                    await greenlet_spawn(pooled.invalidate)
+        finally:
+            self._lookups.release()
+
+    @asynccontextmanager
+    async def _read(self) -> AsyncIterator[AsyncConnection]:
+        """SQLite (and PostgreSQL's non-lookup reads): :meth:`Database.read`, with the same
+        503 as :meth:`_driver` when no connection comes free in time."""
+        async with connection_failures_as_503(), contextlib.AsyncExitStack() as stack:
+            try:
+                async with asyncio.timeout(self.lease_wait):
+                    conn = await stack.enter_async_context(self.db.read())
+            except TimeoutError:
+                raise unavailable() from None
+            yield conn
+
+    def _trim_idle(self) -> None:
+        """Give the idle leases' connections back to the pool once lookups have paused."""
+        self._trim = None
+        if self._used:
+            self._used = 0
+            self._trim = asyncio.get_running_loop().call_later(LEASE_IDLE_S, self._trim_idle)
+            return
+        idle, self._idle = self._idle, []
+        for pooled in idle:
+            task = asyncio.ensure_future(greenlet_spawn(pooled.close))
+            self._returning.add(task)
+            task.add_done_callback(self._returning.discard)
+
+    async def close(self) -> None:
+        """Give every kept connection back to the pool (before the engine is disposed)."""
+        if self._trim is not None:
+            self._trim.cancel()
+            self._trim = None
+        idle, self._idle = self._idle, []
+        for pooled in idle:
+            with contextlib.suppress(Exception):
+                await greenlet_spawn(pooled.close)
+
+    # -- lookups ----------------------------------------------------------------------------
+    async def find(
+        self, *, nhs_number: str | None = None, person_id: str | None = None
+    ) -> Person | None:
+        """The person by NHS number or hub Patient id, following merges; None when unknown."""
+        if (nhs_number is None) == (person_id is None):
+            raise ValueError("give exactly one of nhs_number and person_id")
+        if self.db.dialect == "postgresql":
+            async with self._driver() as driver:
+                if nhs_number is not None:
+                    rows = await driver.fetch(_FIND_BY_NHS, nhs_number)
+                else:
+                    rows = await driver.fetch(_FIND_BY_ID, person_id)
+                return await _follow_pg(driver, rows)
+        async with self._read() as conn:
+            where = (
+                pix_people.c.nhs_number == nhs_number
+                if nhs_number is not None
+                else pix_people.c.id == person_id
+            )
+            rows = (await conn.execute(_PERSON_LINKS.where(where))).all()
+            for _ in range(MAX_MERGE_HOPS):
+                if not rows:
+                    return None
+                survivor = rows[0].merged_into
+                if survivor is None:
+                    break
+                rows = (await conn.execute(_PERSON_LINKS.where(pix_people.c.id == survivor))).all()
+        return _person([r._mapping for r in rows])
+
+    async def find_link(self, system: str, value: str) -> tuple[ReviewItem, Person | None] | None:
+        """The linkage registered under a local identifier and the person it claims."""
+        if self.db.dialect == "postgresql":  # one statement for the link and its person
+            async with self._driver() as driver:
+                rows = await driver.fetch(_FIND_LINK, system, value)
+                if not rows:
+                    return None
+                first = rows[0]
+                item = ReviewItem(
+                    first["link_id"],
+                    first["link_provider"],
+                    first["link_system"],
+                    first["link_value"],
+                    first["link_status"],
+                    first["link_person"],
+                    first["link_nhs"],
+                    first["link_reasons"],
+                    first["link_updated"],
+                )
+                if first["link_person"] is None:
+                    return item, None
+                return item, await _follow_pg(driver, rows)
+        async with self._read() as conn:
+            row = (
+                await conn.execute(
+                    select(pix_links).where(
+                        pix_links.c.system == system, pix_links.c.value == value
+                    )
+                )
+            ).first()
+        if row is None:
+            return None
+        person = await self.find(person_id=row.person_id) if row.person_id else None
+        return _review_item(row), person
+
+    async def counts(self) -> tuple[int, dict[str, int]]:
+        """People (not merged away) and linkages by status."""
+        async with self.db.read() as conn:
+            people = (
+                await conn.execute(
+                    select(func.count())
+                    .select_from(pix_people)
+                    .where(pix_people.c.merged_into.is_(None))
+                )
+            ).scalar_one()
+            rows = (
+                await conn.execute(
+                    select(pix_links.c.status, func.count()).group_by(pix_links.c.status)
+                )
+            ).all()
+        return int(people), {str(status): int(n) for status, n in rows}
+
+    async def review(
+        self, *, statuses: Sequence[str] = REVIEW, provider: str | None = None, limit: int = 100
+    ) -> list[ReviewItem]:
+        """Registrations that are kept but not routed, oldest change first (the operator list)."""
+        query = select(pix_links).where(pix_links.c.status.in_(list(statuses)))
+        if provider:
+            query = query.where(pix_links.c.provider == provider)
+        query = query.order_by(pix_links.c.status, pix_links.c.updated, pix_links.c.id).limit(limit)
+        async with self.db.read() as conn:
+            return [_review_item(r) for r in (await conn.execute(query)).all()]
+
+    async def history(self, system: str, value: str) -> list[dict[str, Any]]:
+        """Every recorded change of one linkage, oldest first."""
+        async with self.db.read() as conn:
+            link = (
+                await conn.execute(
+                    select(pix_links.c.id).where(
+                        pix_links.c.system == system, pix_links.c.value == value
+                    )
+                )
+            ).scalar()
+            if link is None:
+                return []
+            rows = (
+                await conn.execute(
+                    select(pix_link_history)
+                    .where(pix_link_history.c.link_id == link)
+                    .order_by(pix_link_history.c.id)
+                )
+            ).all()
+        return [dict(r._mapping) for r in rows]
+
+    # -- registration -----------------------------------------------------------------------
+    async def register(self, reg: Registration) -> RegisterResult:
+        """Record one registration (and queue its trace) in one transaction."""
+        # CPU work (validation, index rows of a possible new golden Patient) before the write lock.
+        prepared = prepare_golden(self.store, reg.nhs_number, reg.demographics)
+        async with connection_failures_as_503():
+            return await self.db.write(lambda conn: self.register_in(conn, reg, prepared))
+
+    async def register_in(
+        self, conn: AsyncConnection, reg: Registration, prepared: Any
+    ) -> RegisterResult:
+        if reg.nhs_number:
+            await self.store.advisory_lock(conn, f"pix:nhs:{reg.nhs_number}")
+        await self.store.advisory_lock(conn, f"pix:link:{reg.system}|{reg.value}")
+        link = (
+            await conn.execute(
+                select(pix_links).where(
+                    pix_links.c.system == reg.system, pix_links.c.value == reg.value
+                )
+            )
+        ).first()
+        now = now_utc()
+        if link is None:
+            person_id = await self._person_for(conn, reg, prepared, now) if reg.nhs_number else None
+            status = PENDING if reg.nhs_number else UNVERIFIED
+            link_id = (
+                await conn.execute(
+                    insert(pix_links)
+                    .values(
+                        person_id=person_id,
+                        provider=reg.provider,
+                        system=reg.system,
+                        value=reg.value,
+                        status=status,
+                        nhs_number=reg.nhs_number,
+                        revision=1,
+                        created=now,
+                        updated=now,
+                        reasons=None if reg.nhs_number else "no NHS number given: cannot be traced",
+                        **_demographic_values(reg),
+                    )
+                    .returning(pix_links.c.id)
+                )
+            ).scalar_one()
+            await self._history(conn, link_id, now, "registered", None, person_id, None, status)
+            if reg.nhs_number:
+                await enqueue_trace(
+                    conn, _registration_id(link_id, 1), reg.nhs_number, reg.demographics
+                )
+            return RegisterResult(link_id, person_id, status, created=True, changed=True)
+        return await self._reregister(conn, reg, prepared, link, now)
+
+    async def _reregister(
+        self, conn: AsyncConnection, reg: Registration, prepared: Any, link: Any, now: datetime
+    ) -> RegisterResult:
+        if link.provider != reg.provider:
+            raise refuse(
+                "conflict",
+                409,
+                "conflict",
+                f"The identifier {reg.system}|{reg.value} is registered by another provider ({link.provider}).",
+            )
+        same_demographics = _demographics_of(link) == reg.demographics
+        if link.status != UNLINKED and link.nhs_number and reg.nhs_number != link.nhs_number:
+            claimed = reg.nhs_number or "no NHS number"
+            raise refuse(
+                "conflict",
+                409,
+                "conflict",
+                f"{reg.system}|{reg.value} is already registered for NHS number {link.nhs_number}; this "
+                f"registration claims {claimed}. One local record cannot be two people: if the NHS "
+                "number was wrong, ask the hub operator to unlink the registration, then register again.",
+                "Patient.identifier",
+            )
+        if link.status != UNLINKED and reg.nhs_number == link.nhs_number and same_demographics:
+            return RegisterResult(
+                link.id, link.person_id, link.status, created=False, changed=False
+            )
+        revision = link.revision + 1
+        person_id = link.person_id
+        if link.status == UNLINKED or link.nhs_number != reg.nhs_number:
+            person_id = await self._person_for(conn, reg, prepared, now) if reg.nhs_number else None
+        # A verified link keeps routing while changed demographics are re-traced: the claimed
+        # NHS number did not change; the trace flags it if they no longer match.
+        keep = link.status == VERIFIED and link.nhs_number == reg.nhs_number
+        status = link.status if keep else (PENDING if reg.nhs_number else UNVERIFIED)
+        await conn.execute(
+            update(pix_links)
+            .where(pix_links.c.id == link.id)
+            .values(
+                person_id=person_id,
+                status=status,
+                nhs_number=reg.nhs_number,
+                revision=revision,
+                updated=now,
+                reasons=None if reg.nhs_number else "no NHS number given: cannot be traced",
+                **_demographic_values(reg),
+            )
+        )
+        await self._history(
+            conn, link.id, now, "updated", link.person_id, person_id, link.status, status
+        )
+        if reg.nhs_number:
+            await enqueue_trace(
+                conn, _registration_id(link.id, revision), reg.nhs_number, reg.demographics
+            )
+        return RegisterResult(link.id, person_id, status, created=False, changed=True)
+
+    async def _person_for(
+        self, conn: AsyncConnection, reg: Registration, prepared: Any, now: datetime
+    ) -> str:
+        """The person holding ``reg``'s NHS number (the survivor if merged); created if new."""
+        row = (
+            await conn.execute(
+                select(pix_people.c.id).where(pix_people.c.nhs_number == reg.nhs_number)
+            )
+        ).first()
+        if row is not None:
+            return await self._survivor(conn, row.id)
+        person_id = str(uuid.uuid4())
+        await self.store.create_in(conn, prepared, person_id)
+        await conn.execute(
+            insert(pix_people).values(
+                id=person_id,
+                nhs_number=reg.nhs_number,
+                merged_into=None,
+                verified=False,
+                created=now,
+                updated=now,
+            )
+        )
+        return person_id
+
+    async def _survivor(self, conn: AsyncConnection, person_id: str) -> str:
+        current = person_id
+        for _ in range(MAX_MERGE_HOPS):
+            nxt = (
+                await conn.execute(
+                    select(pix_people.c.merged_into).where(pix_people.c.id == current)
+                )
+            ).scalar()
+            if nxt is None:
+                return current
+            current = nxt
+        raise FHIRError.of(
+            500, "exception", f"Merge chain from {person_id} is longer than {MAX_MERGE_HOPS}."
+        )
+
+    async def _history(
+        self,
+        conn: AsyncConnection,
+        link_id: int,
+        at: datetime,
+        event: str,
+        person_before: str | None,
+        person_after: str | None,
+        status_before: str | None,
+        status_after: str,
+        detail: str | None = None,
+    ) -> None:
+        await conn.execute(
+            insert(pix_link_history).values(
+                link_id=link_id,
+                at=at,
+                event=event,
+                person_before=person_before,
+                person_after=person_after,
+                status_before=status_before,
+                status_after=status_after,
+                detail=detail,
+            )
+        )
+
+    # -- tracing results ----------------------------------------------------------------------
+    async def apply_trace(self, registration_id: str, result: TraceResult) -> str | None:
+        """Record a final trace result; idempotent, and stale results (older revisions) are ignored."""
+        try:
+            link_part, revision_part = registration_id.split(".", 1)
+            link_id, revision = int(link_part), int(revision_part)
+        except ValueError:
+            return None
+        status = TRACE_STATUS[result.outcome]
+        reasons = "; ".join(result.reasons) or None
+
+        async def write(conn: AsyncConnection) -> str | None:
+            link = (await conn.execute(select(pix_links).where(pix_links.c.id == link_id))).first()
+            if link is None or link.revision != revision or link.status == UNLINKED:
+                return None
+            if link.status == status and link.reasons == reasons:
+                return status
+            now = now_utc()
+            await conn.execute(
+                update(pix_links)
+                .where(pix_links.c.id == link_id)
+                .values(status=status, reasons=reasons, updated=now)
+            )
+            await self._history(
+                conn,
+                link_id,
+                now,
+                "traced",
+                link.person_id,
+                link.person_id,
+                link.status,
+                status,
+                reasons,
+            )
+            if status == VERIFIED and link.person_id:
+                await self._adopt_demographics(
+                    conn, link.person_id, _demographics_of(link), link.nhs_number, now
+                )
+            return status
+
+        return await self.db.write(write)
+
+    async def _adopt_demographics(
+        self,
+        conn: AsyncConnection,
+        person_id: str,
+        demographics: Demographics,
+        nhs: str | None,
+        now: datetime,
+    ) -> None:
+        """The first verified registration's demographics become the golden record's."""
+        person = (
+            await conn.execute(select(pix_people).where(pix_people.c.id == person_id))
+        ).first()
+        if person is None or person.verified:
+            return
+        stored = await self._current_patient(conn, person_id)
+        body = golden_patient(nhs, demographics)
+        if stored is not None:
+            body = {**stored, **{k: v for k, v in body.items() if k != "active"}}
+        await self.store.update_in(
+            conn,
+            self.store.prepare("Patient", {**body, "id": person_id}, url_id=person_id),
+            person_id,
+        )
+        await conn.execute(
+            update(pix_people)
+            .where(pix_people.c.id == person_id)
+            .values(verified=True, updated=now)
+        )
+
+    async def _current_patient(
+        self, conn: AsyncConnection, person_id: str
+    ) -> dict[str, Any] | None:
+        from sharedcare.store.schema import resources
+
+        body = (
+            await conn.execute(
+                select(resources.c.body).where(
+                    resources.c.type == "Patient", resources.c.id == person_id
+                )
+            )
+        ).scalar()
+        if not body:
+            return None
+        patient: dict[str, Any] = orjson.loads(body)
+        patient.pop("meta", None)
+        return patient
+
+    # -- operator actions ---------------------------------------------------------------------
+    async def unlink(
+        self, system: str, value: str, *, by: str, reason: str | None = None
+    ) -> ReviewItem:
+        """Detach a registration: it is kept (status ``unlinked``) but never routed again."""
+
+        async def write(conn: AsyncConnection) -> ReviewItem:
+            link = (
+                await conn.execute(
+                    select(pix_links).where(
+                        pix_links.c.system == system, pix_links.c.value == value
+                    )
+                )
+            ).first()
+            if link is None:
+                raise FHIRError.of(
+                    404, "not-found", f"No registration has the identifier {system}|{value}."
+                )
+            if link.status == UNLINKED:
+                return _review_item(link)
+            now = now_utc()
+            await conn.execute(
+                update(pix_links)
+                .where(pix_links.c.id == link.id)
+                .values(
+                    status=UNLINKED,
+                    revision=link.revision + 1,
+                    updated=now,
+                    reasons=f"unlinked by {by}: {reason or 'no reason given'}",
+                )
+            )
+            await self._history(
+                conn,
+                link.id,
+                now,
+                "unlinked",
+                link.person_id,
+                link.person_id,
+                link.status,
+                UNLINKED,
+                f"by {by}: {reason or ''}",
+            )
+            row = (await conn.execute(select(pix_links).where(pix_links.c.id == link.id))).one()
+            return _review_item(row)
+
+        return await self.db.write(write)
+
+    async def resolve_person(self, ref: str) -> str:
+        """A person id from an NHS number or a hub Patient id (``Patient/`` prefix allowed)."""
+        ref = ref.removeprefix("Patient/")
+        async with self.db.read() as conn:
+            row = (
+                await conn.execute(
+                    select(pix_people.c.id).where(
+                        (pix_people.c.id == ref) | (pix_people.c.nhs_number == ref)
+                    )
+                )
+            ).first()
+        if row is None:
+            raise FHIRError.of(
+                404, "not-found", f"No person in the index has the id or NHS number {ref!r}."
+            )
+        return str(row.id)
+
+    async def merge(
+        self, replaced: str, survivor: str, *, by: str, reason: str | None = None
+    ) -> int:
+        """Merge ``replaced`` into ``survivor`` (A40); returns how many linkages moved."""
+        if replaced == survivor:
+            raise FHIRError.of(400, "invalid", "A person cannot be merged into itself.")
+
+        async def write(conn: AsyncConnection) -> int:
+            for pid in sorted((replaced, survivor)):
+                await self.store.advisory_lock(conn, f"pix:person:{pid}")
+            people = {
+                r.id: r
+                for r in (
+                    await conn.execute(
+                        select(pix_people).where(pix_people.c.id.in_([replaced, survivor]))
+                    )
+                ).all()
+            }
+            for pid in (replaced, survivor):
+                if pid not in people:
+                    raise FHIRError.of(404, "not-found", f"Person {pid} is not in the index.")
+                if people[pid].merged_into is not None:
+                    raise FHIRError.of(
+                        409,
+                        "conflict",
+                        f"Person {pid} was already merged into {people[pid].merged_into}; merge its survivor instead.",
+                    )
+            now = now_utc()
+            await conn.execute(
+                update(pix_people)
+                .where(pix_people.c.id == replaced)
+                .values(merged_into=survivor, updated=now)
+            )
+            links = (
+                await conn.execute(select(pix_links).where(pix_links.c.person_id == replaced))
+            ).all()
+            if links:
+                await conn.execute(
+                    update(pix_links)
+                    .where(pix_links.c.person_id == replaced)
+                    .values(person_id=survivor, updated=now)
+                )
+                await conn.execute(
+                    insert(pix_link_history),
+                    [
+                        {
+                            "link_id": link.id,
+                            "at": now,
+                            "event": "merged",
+                            "person_before": replaced,
+                            "person_after": survivor,
+                            "status_before": link.status,
+                            "status_after": link.status,
+                            "detail": f"by {by}: {reason or ''}",
+                        }
+                        for link in links
+                    ],
+                )
+            await conn.execute(
+                insert(pix_merges).values(
+                    replaced=replaced, survivor=survivor, at=now, by=by, reason=reason
+                )
+            )
+            await self._link_patients(conn, replaced, survivor)
+            return len(links)
+
+        return await self.db.write(write)
+
+    async def _link_patients(self, conn: AsyncConnection, replaced: str, survivor: str) -> None:
+        # hl7.org/fhir/R4/patient.html#links: replaced-by on the old record, replaces on the survivor.
+        for pid, other, kind, active in (
+            (replaced, survivor, "replaced-by", False),
+            (survivor, replaced, "replaces", None),
+        ):
+            body = await self._current_patient(conn, pid)
+            if body is None:
+                continue
+            body["link"] = [
+                *(body.get("link") or []),
+                {"other": {"reference": f"Patient/{other}"}, "type": kind},
+            ]
+            if active is not None:
+                body["active"] = active
+            await self.store.update_in(conn, self.store.prepare("Patient", body, url_id=pid), pid)
+
+    async def unmerge(self, replaced: str) -> None:
+        """Always refused: linkages moved by a merge may already have routed queries."""
+        async with self.db.read() as conn:
+            merged = (
+                await conn.execute(
+                    select(pix_merges)
+                    .where(pix_merges.c.replaced == replaced)
+                    .order_by(pix_merges.c.id.desc())
+                )
+            ).first()
+        what = (
+            f"{replaced} was merged into {merged.survivor} on {merged.at:%Y-%m-%d %H:%M} UTC"
+            if merged
+            else f"{replaced} has no merge to undo"
+        )
+        raise FHIRError.of(
+            409,
+            "business-rule",
+            f"Unmerge is not supported ({what}). A merge is kept for history; to correct a wrong "
+            "merge, unlink the linkages that do not belong to the survivor and have their providers "
+            "register them again, which creates or finds the right person.",
+        )
+
+    async def merges(self, person_id: str) -> list[dict[str, Any]]:
+        async with self.db.read() as conn:
+            rows = (
+                await conn.execute(
+                    select(pix_merges).where(
+                        and_(
+                            (pix_merges.c.replaced == person_id)
+                            | (pix_merges.c.survivor == person_id)
+                        )
+                    )
+                )
+            ).all()
+        return [dict(r._mapping) for r in rows]
+
+
+def _review_item(row: Any) -> ReviewItem:
+    return ReviewItem(
+        row.id,
+        row.provider,
+        row.system,
+        row.value,
+        row.status,
+        row.person_id,
+        row.nhs_number,
+        row.reasons,
+        row.updated,
+    )
+
+
+__all__ += [
+    "ERROR",
+    "MISMATCH",
+    "NOT_FOUND",
+    "REVIEW",
+    "UNLINKED",
+    "UNVERIFIED",
+    "VERIFIED",
+    "Refused",
+    "ReviewItem",
+]
