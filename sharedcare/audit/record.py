@@ -51,8 +51,11 @@ OUTCOMES: Final = frozenset({SUCCESS, MINOR_FAILURE, SERIOUS_FAILURE, MAJOR_FAIL
 # restful-interaction codes (hl7.org/fhir/R4/codesystem-restful-interaction.html) that
 # release data; reads use the BALP Read pattern, the rest the Query pattern.
 _READS: Final = frozenset({"read", "vread"})
-ACTIONS: Final = _READS | frozenset(
-    {"search", "search-type", "search-system", "history-instance", "history-type", "operation"}
+# Writes the hub audits (Consent records change what may be shared): BALP Create/Update.
+_WRITES: Final = {"create": "C", "update": "U"}
+ACTIONS: Final = _READS | frozenset(_WRITES) | frozenset(
+    {"search", "search-type", "search-system", "history-instance", "history-type", "operation",
+     "batch", "transaction"}
 )
 
 NHS_NUMBER_SYSTEM: Final = "https://fhir.nhs.uk/Id/nhs-number"
@@ -103,6 +106,7 @@ _ROLE_PATIENT = {"system": _OBJECT_ROLE, "code": "1", "display": "Patient"}
 _ROLE_DOMAIN_RESOURCE = {"system": _OBJECT_ROLE, "code": "4", "display": "Domain Resource"}
 _ROLE_DATA_REPOSITORY = {"system": _OBJECT_ROLE, "code": "17", "display": "Data Repository"}
 _ROLE_QUERY = {"system": _OBJECT_ROLE, "code": "24", "display": "Query"}
+_ROLE_SECURITY_RESOURCE = {"system": _OBJECT_ROLE, "code": "13", "display": "Security Resource"}
 _REQUEST_ID_TYPE = {
     "system": "https://profiles.ihe.net/ITI/BALP/CodeSystem/BasicAuditEntityType",
     "code": "XrequestId",
@@ -111,6 +115,7 @@ _OUTCOME_TEXT = {0: None, 4: "Minor failure", 8: "Serious failure", 12: "Major f
 
 _PATIENT_REF = re.compile(r"Patient/[A-Za-z0-9\-.]{1,64}")
 _RESOURCE_REF = re.compile(r"(?:.*/)?[A-Z][A-Za-z]{1,63}/[A-Za-z0-9\-.]{1,64}(?:/_history/[0-9]+)?")
+_CONSENT_REF = re.compile(r"Consent/[A-Za-z0-9\-.]{1,64}")
 _ORG_REF = re.compile(r"Organization/[A-Za-z0-9\-.]{1,64}")
 _LIMIT = 4096  # the raw query is kept whole up to here (base64 in entity.query)
 
@@ -148,6 +153,9 @@ class AuditRecord:
     withheld: int = 0
     client_address: str | None = None  # the client's IP address
     recorded: datetime = field(default_factory=_now)
+    other_patients: tuple[str, ...] = ()  # further people whose data a store search released
+    consents: tuple[str, ...] = ()  # "Consent/{id}" records in force for the decision
+    policy: str | None = None  # version of the regional policy that decided
 
     def __post_init__(self) -> None:
         if self.action not in ACTIONS:
@@ -164,8 +172,15 @@ class AuditRecord:
             raise ValueError(f"organization_ref must be 'Organization/{{id}}', not {self.organization_ref!r}")
         if self.resource is not None and not _RESOURCE_REF.fullmatch(self.resource):
             raise ValueError(f"resource must be a literal reference, not {self.resource!r}")
-        if isinstance(self.providers, list):  # a list would make the frozen value unhashable
-            object.__setattr__(self, "providers", tuple(self.providers))
+        for name in ("providers", "other_patients", "consents"):
+            if isinstance(getattr(self, name), list):  # a list would make the frozen value unhashable
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+        for ref in self.other_patients:
+            if not _PATIENT_REF.fullmatch(ref):
+                raise ValueError(f"other_patients holds references 'Patient/{{id}}', not {ref!r}")
+        for ref in self.consents:
+            if not _CONSENT_REF.fullmatch(ref):
+                raise ValueError(f"consents holds references 'Consent/{{id}}', not {ref!r}")
 
     @property
     def identifies_patient(self) -> bool:
@@ -243,8 +258,10 @@ def _entities(r: AuditRecord) -> list[dict[str, Any]]:
         if r.nhs_number:
             what["identifier"] = {"system": NHS_NUMBER_SYSTEM, "value": _text(r.nhs_number, 64)}
         entities.append({"what": what, "type": _PERSON, "role": _ROLE_PATIENT})
+    for other in r.other_patients:
+        entities.append({"what": {"reference": other}, "type": _PERSON, "role": _ROLE_PATIENT})
     query = _text(r.query, _LIMIT)
-    if r.action in _READS:
+    if r.action in _READS or r.action in _WRITES:
         data: dict[str, Any] = {"type": _SYSTEM_OBJECT, "role": _ROLE_DOMAIN_RESOURCE}
         if r.resource:
             data["what"] = {"reference": r.resource}
@@ -274,15 +291,20 @@ def _entities(r: AuditRecord) -> list[dict[str, Any]]:
                 "role": _ROLE_DATA_REPOSITORY,
             }
         )
+    for consent in r.consents:  # the person's consent records that took part in the decision
+        entities.append({"what": {"reference": consent}, "type": _SYSTEM_OBJECT, "role": _ROLE_SECURITY_RESOURCE})
     # BALP records no result counts; the hub must (REQUIREMENTS §3, §4: withheld data).
+    detail = [
+        {"type": "released", "valueString": str(r.released)},
+        {"type": "withheld", "valueString": str(r.withheld)},
+    ]
+    if r.policy:
+        detail.append({"type": "policy", "valueString": _text(r.policy, 128)})
     entities.append(
         {
             "type": _SYSTEM_OBJECT,
             "description": "resources released to the client, and withheld by consent",
-            "detail": [
-                {"type": "released", "valueString": str(r.released)},
-                {"type": "withheld", "valueString": str(r.withheld)},
-            ],
+            "detail": detail,
         }
     )
     return entities
@@ -292,17 +314,17 @@ def to_audit_event(record: AuditRecord, *, hub_base: str = HUB) -> dict[str, Any
     """The R4 AuditEvent for ``record`` (no id or meta.versionId: the store assigns those)."""
     r = record
     read = r.action in _READS
+    write = _WRITES.get(r.action)
     event: dict[str, Any] = {"resourceType": "AuditEvent"}
-    if r.outcome == SUCCESS and (r.resource or not read):
-        # The BALP profiles fix outcome to success (and a read names what it read);
+    if r.outcome == SUCCESS and (r.resource or not (read or write)):
+        # The BALP profiles fix outcome to success (and a read or write names its resource);
         # anything else follows the same shape without claiming the profile.
-        profile = ("PatientRead" if read else "PatientQuery") if r.identifies_patient else (
-            "Read" if read else "Query"
-        )
+        kind = "Read" if read else r.action.capitalize() if write else "Query"
+        profile = f"Patient{kind}" if r.identifies_patient else kind
         event["meta"] = {"profile": [_BALP + profile]}
     event["type"] = _TYPE
     event["subtype"] = [{"system": "http://hl7.org/fhir/restful-interaction", "code": r.action}]
-    event["action"] = "R" if read else "E"
+    event["action"] = "R" if read else write or "E"
     event["recorded"] = instant(r.recorded)
     event["outcome"] = str(r.outcome)
     if r.outcome_desc or r.outcome:

@@ -20,6 +20,8 @@ Metric                                               Type     Meaning
                                                               OPTIN, OPTINR, OPTOUT, OPTOUTE, other,
                                                               none); set by :func:`refresh_consent_records`.
 ``sharedcare_consent_policy_reloads_total``          counter  Policy reloads, by ``outcome`` (ok, failed).
+``sharedcare_consent_policy_info``                   gauge    1 for the policy in force in each process, by
+                                                              ``version`` and ``digest`` (first 12 hex).
 ===================================================  =======  ==========================================
 
 Withheld % over an hour::
@@ -35,6 +37,7 @@ this module does not fix the prometheus_client process mode (``sharedcare.metric
 from __future__ import annotations
 
 import atexit
+import os
 import threading
 import time
 from collections.abc import Mapping
@@ -61,6 +64,7 @@ class ConsentMetrics:
     reviews: Counter
     records: Gauge
     reloads: Counter
+    policy: Gauge
 
 
 def _create() -> ConsentMetrics:
@@ -98,6 +102,12 @@ def _create() -> ConsentMetrics:
             "sharedcare_consent_policy_reloads",
             "Consent policy reloads, by outcome (ok, failed).",
             ["outcome"],
+        ),
+        policy=Gauge(
+            "sharedcare_consent_policy_info",
+            "The consent policy in force (1), by version and digest.",
+            ["version", "digest"],
+            multiprocess_mode="liveall",
         ),
     )
 
@@ -190,6 +200,26 @@ atexit.register(flush_decisions)
 
 def record_reload(*, ok: bool) -> None:
     consent_metrics().reloads.labels("ok" if ok else "failed").inc()
+
+
+_in_force: tuple[str, str] | None = None
+
+
+def record_policy_in_force(version: str, digest: str) -> None:
+    """Show which policy this process decides with (the previous one's series is removed)."""
+    global _in_force
+    gauge = consent_metrics().policy
+    labels = (version, digest[:12])
+    if _in_force is not None and _in_force != labels:
+        if "PROMETHEUS_MULTIPROC_DIR" in os.environ or "prometheus_multiproc_dir" in os.environ:
+            gauge.labels(*_in_force).set(0)  # multiprocess mode cannot remove a series
+        else:
+            try:
+                gauge.remove(*_in_force)
+            except KeyError:
+                pass
+    gauge.labels(*labels).set(1)
+    _in_force = labels
 
 
 def policy_label(raw: Mapping[str, Any]) -> str:

@@ -1,95 +1,145 @@
-"""kill -9 under load: every release a client received a 200 for has its AuditEvent."""
+"""kill -9 under load: every response a client received has its AuditEvent.
+
+A real ``sharedcare serve`` process serves consent-filtered store reads and searches (the
+wired pathway: gate, decision, group-committed audit, then the response) to 16 concurrent
+clients, one of whose people has opted out (so 403 withheld reads are in the mix too). The
+process is killed with SIGKILL mid-load; then every request id a client got an answer for
+(200 released, 403 withheld) must be on an AuditEvent in the database.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import signal
-import sys
-import time
-from pathlib import Path
+from typing import Any
 
 import httpx
 import orjson
-from helpers import free_port
+from helpers import FHIR_JSON, RunningHub, patient
 from sqlalchemy import select
 
 from sharedcare.audit import request_id_of
-from sharedcare.store import migrate
+from sharedcare.settings import Settings
 from sharedcare.store.db import Database
 from sharedcare.store.schema import resources
 
-SERVER = Path(__file__).with_name("release_server.py")
-WORKERS = 16  # concurrent requests: enough for batches of several; httpx slows past ~20
-ACKNOWLEDGED_BEFORE_KILL = 200
+CLIENTS = 16
+ANSWERED_BEFORE_KILL = 200
+ACT = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
 
 
-async def _wait_ready(url: str, proc: asyncio.subprocess.Process) -> None:
-    deadline = time.monotonic() + 20
-    async with httpx.AsyncClient(timeout=1) as http:
-        while time.monotonic() < deadline:
-            if proc.returncode is not None:
-                err = await proc.stderr.read() if proc.stderr else b""
-                raise RuntimeError(f"server exited: {err.decode()[-2000:]}")
-            try:
-                if (await http.get(f"{url}/ready")).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            await asyncio.sleep(0.05)
-    raise RuntimeError("release server did not start in 20 s")
+def _document(patient_id: str) -> dict[str, Any]:
+    return {
+        "resourceType": "DocumentReference",
+        "status": "current",
+        "type": {"coding": [{"system": "http://loinc.org", "code": "18842-5"}]},
+        "subject": {"reference": f"Patient/{patient_id}"},
+        "content": [{"attachment": {"contentType": "text/plain", "url": "http://example.org/doc"}}],
+    }
 
 
-async def _client(http: httpx.AsyncClient, n: int, acknowledged: list[str], stop: asyncio.Event) -> None:
-    i = n
+def _opt_out(patient_id: str) -> dict[str, Any]:
+    return {
+        "resourceType": "Consent",
+        "status": "active",
+        "scope": {
+            "coding": [
+                {
+                    "system": "http://terminology.hl7.org/CodeSystem/consentscope",
+                    "code": "patient-privacy",
+                }
+            ]
+        },
+        "category": [{"coding": [{"system": "http://loinc.org", "code": "59284-0"}]}],
+        "patient": {"reference": f"Patient/{patient_id}"},
+        "policyRule": {"coding": [{"system": ACT, "code": "OPTOUT"}]},
+    }
+
+
+async def _created(http: httpx.AsyncClient, body: dict[str, Any]) -> str:
+    response = await http.post(f"/fhir/{body['resourceType']}", json=body, headers=FHIR_JSON)
+    assert response.status_code == 201, response.text
+    return str(response.json()["id"])
+
+
+async def _client(
+    http: httpx.AsyncClient,
+    n: int,
+    people: list[str],
+    docs: list[str],
+    answered: list[str],
+    stop: asyncio.Event,
+) -> None:
+    i = 0
     while not stop.is_set():
-        i += WORKERS
+        i += 1
+        rid = f"kill-{n}-{i}"
+        if i % 2:
+            url, params = (
+                "/fhir/DocumentReference",
+                {"subject": f"Patient/{people[i % len(people)]}"},
+            )
+        else:
+            url, params = f"/fhir/DocumentReference/{docs[(n + i) % len(docs)]}", {}
         try:
-            response = await http.get(f"/release/{i}")
+            response = await http.get(url, params=params, headers={"X-Request-ID": rid})
         except httpx.TransportError:
-            return  # the server died mid-request: nothing was released to us
-        if response.status_code == 200:
-            acknowledged.append(response.json()["request_id"])
+            return  # the hub died mid-request: nothing reached us
+        assert response.status_code in (200, 403), response.text
+        answered.append(rid)
 
 
-async def test_every_acknowledged_release_is_audited_after_sigkill(database_url: str) -> None:
-    db = Database(database_url)
-    await migrate.upgrade(db)
-    await db.close()
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, str(SERVER), database_url, str(port),
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    acknowledged: list[str] = []
-    try:
-        await _wait_ready(url, proc)
-        stop = asyncio.Event()
-        limits = httpx.Limits(max_connections=WORKERS, max_keepalive_connections=WORKERS)
-        async with httpx.AsyncClient(base_url=url, timeout=10, limits=limits) as http:
-            clients = [asyncio.create_task(_client(http, n, acknowledged, stop)) for n in range(WORKERS)]
-            deadline = time.monotonic() + 15  # a busy machine is slower; the proof holds anyway
-            while len(acknowledged) < ACKNOWLEDGED_BEFORE_KILL and time.monotonic() < deadline:
+async def test_every_answered_request_is_audited_after_sigkill(
+    settings: Settings, hub_auth: Any
+) -> None:
+    env = {
+        "SHAREDCARE_DATABASE_URL": settings.database,
+        "SHAREDCARE_DATA_DIR": str(settings.data_dir),
+    }
+    answered: list[str] = []
+    with RunningHub(env) as hub:
+        headers = await hub_auth(hub.url)
+        limits = httpx.Limits(max_connections=CLIENTS, max_keepalive_connections=CLIENTS)
+        async with httpx.AsyncClient(
+            base_url=hub.url, timeout=20, headers=headers, limits=limits
+        ) as http:
+            people = [await _created(http, patient(f"Kill{i}", "K")) for i in range(4)]
+            docs = [await _created(http, _document(p)) for p in people for _ in range(2)]
+            await _created(http, _opt_out(people[0]))
+            stop = asyncio.Event()
+            clients = [
+                asyncio.create_task(_client(http, n, people, docs, answered, stop))
+                for n in range(CLIENTS)
+            ]
+            deadline = (
+                asyncio.get_running_loop().time() + 60
+            )  # a busy machine is slower; the proof holds
+            while (
+                len(answered) < ANSWERED_BEFORE_KILL
+                and asyncio.get_running_loop().time() < deadline
+            ):
                 await asyncio.sleep(0.005)
-            os.kill(proc.pid, signal.SIGKILL)  # mid-load: flushes in flight, requests waiting
-            await proc.wait()
+                if all(c.done() for c in clients):
+                    break
+            os.kill(hub.proc.pid, signal.SIGKILL)  # mid-load: flushes in flight, requests waiting
+            hub.proc.wait()
             stop.set()
             await asyncio.gather(*clients)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    assert len(acknowledged) >= 50, "too few releases before the kill to prove anything"
+    assert hub.proc.returncode == -signal.SIGKILL
+    assert len(answered) >= 50, "too few answers before the kill to prove anything"
 
-    db = Database(database_url)  # reopen after the crash (SQLite recovers its WAL here)
+    db = Database(settings.database)  # reopen after the crash (SQLite recovers its WAL here)
     try:
         async with db.read() as conn:
-            bodies = (await conn.execute(select(resources.c.body).where(resources.c.type == "AuditEvent"))).scalars()
-            stored = {request_id_of(orjson.loads(body)) for body in bodies}
+            bodies = (
+                await conn.execute(select(resources.c.body).where(resources.c.type == "AuditEvent"))
+            ).scalars()
+            events = [orjson.loads(body) for body in bodies]
     finally:
         await db.close()
-    missing = set(acknowledged) - stored
-    assert not missing, f"{len(missing)} of {len(acknowledged)} acknowledged releases have no AuditEvent"
+    audited = {request_id_of(e) for e in events}
+    missing = set(answered) - audited
+    assert not missing, f"{len(missing)} of {len(answered)} answered requests have no AuditEvent"
+    # The opted-out person's reads were answered 403 and are on the trail as withheld.
+    assert any(e["outcome"] == "4" and str(request_id_of(e)).startswith("kill-") for e in events)

@@ -1,4 +1,4 @@
-"""pgwrite's one-statement insert writes exactly the rows Store.create_many_in writes."""
+"""The writer's fast paths (pgwrite, sqlitewrite) write exactly the rows Store.create_many_in writes."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from sqlalchemy import select
 
 from sharedcare.audit import AuditRecord, AuditWriter
 from sharedcare.audit.pgwrite import insert_events
+from sharedcare.audit.sqlitewrite import insert_events_sqlite
 from sharedcare.store.db import Database
 from sharedcare.store.repository import Store
 from sharedcare.store.schema import INDEX_TABLES, change_log, resource_versions, resources
@@ -43,11 +44,11 @@ async def _rows(db: Database, ids: list[str]) -> dict[str, Any]:
     return out
 
 
-async def test_one_statement_insert_matches_the_store(
+async def test_fast_insert_matches_the_store(
     backend: str, db: Database, store: Store, make_record: Callable[..., AuditRecord]
 ) -> None:
-    if backend != "postgresql":
-        pytest.skip("pgwrite is PostgreSQL's")
+    """pgwrite on PostgreSQL, sqlitewrite on SQLite: the same rows as create_many_in."""
+    fast = insert_events if backend == "postgresql" else insert_events_sqlite
     writer = AuditWriter(db, store)
     records = [
         make_record(),
@@ -58,7 +59,7 @@ async def test_one_statement_insert_matches_the_store(
     prepared = [writer.prepare(r) for r in records]
     via_store = await db.write(lambda conn: store.create_many_in(conn, [(p, None) for p in prepared]))
     fast_ids = [f"fast-{i}" for i in range(len(prepared))]
-    assert await db.write(lambda conn: insert_events(conn, list(zip(prepared, fast_ids, strict=True)))) == 4
+    assert await db.write(lambda conn: fast(conn, list(zip(prepared, fast_ids, strict=True)))) == 4
     expected = await _rows(db, [s.id for s in via_store])
     assert await _rows(db, fast_ids) == expected
     assert all(expected[kind] for kind in ("resources", "versions", "change_log", "token", "reference"))
@@ -67,8 +68,7 @@ async def test_one_statement_insert_matches_the_store(
 
 
 async def test_only_audit_events_go_this_way(backend: str, db: Database, store: Store) -> None:
-    if backend != "postgresql":
-        pytest.skip("pgwrite is PostgreSQL's")
+    fast = insert_events if backend == "postgresql" else insert_events_sqlite
     patient = store.prepare("Patient", {"resourceType": "Patient"})
     with pytest.raises(ValueError, match="AuditEvents only"):
-        await db.write(lambda conn: insert_events(conn, [(patient, "p-1")]))
+        await db.write(lambda conn: fast(conn, [(patient, "p-1")]))

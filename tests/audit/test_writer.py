@@ -30,9 +30,11 @@ Writes = Callable[[Any, Any], Awaitable[Any]]
 def wrap_batch_write(
     monkeypatch: pytest.MonkeyPatch, writer: AuditWriter, wrapper: Callable[[Writes], Writes]
 ) -> None:
-    """Wrap what the writer writes a batch with: the store's create_many_in, or pgwrite's."""
-    if writer.fast_path:
+    """Wrap what the writer writes a batch with: the store's create_many_in, or a fast path's."""
+    if writer.fast_path and writer.db.dialect == "postgresql":
         monkeypatch.setattr(writer_module, "insert_events", wrapper(writer_module.insert_events))
+    elif writer.fast_path:
+        monkeypatch.setattr(writer_module, "insert_events_sqlite", wrapper(writer_module.insert_events_sqlite))
     else:
         monkeypatch.setattr(writer.store, "create_many_in", wrapper(writer.store.create_many_in))
 

@@ -61,15 +61,12 @@ VALID: dict[str, dict[str, Any]] = {
         "patient": {"reference": "Patient/pat-1"},
         "dateTime": "2024-03-01T09:30:00Z",
         "organization": [{"reference": "Organization/org-1"}],
-        "policyRule": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentpolicycodes", "code": "cric"}]},
+        # Shares for care, but not for research: a record the hub's decision engine honours.
+        "policyRule": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "OPTIN"}]},
         "provision": {
             "type": "permit",
             "period": {"start": "2024-03-01"},
-            "actor": [{
-                "role": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType", "code": "PRCP"}]},
-                "reference": {"reference": "Organization/org-1"},
-            }],
-            "provision": [{"type": "deny", "purpose": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActReason", "code": "HMARKT"}]}],
+            "provision": [{"type": "deny", "purpose": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActReason", "code": "HRESCH"}]}],
         },
     },
     "AuditEvent": {
