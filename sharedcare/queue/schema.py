@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
-from sqlalchemy import Column, DateTime, Index, Integer, LargeBinary, String, Table, Text, UniqueConstraint
+from sqlalchemy import (
+    Column,
+    DateTime,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
 
 from sharedcare.store.schema import BigId, metadata
 
@@ -24,5 +34,6 @@ queue_items = Table(
     Column("updated_at", DateTime, nullable=False),
     UniqueConstraint("queue", "key"),
     Index("ix_queue_items_claim", "queue", "state", "available_at", "id"),
-    Index("ix_queue_items_partition", "queue", "partition", "id"),
+    # A partition's unfinished items, found without walking its finished ones (migration 0005).
+    Index("ix_queue_items_partition_state", "queue", "partition", "state", "id"),
 )

@@ -9,7 +9,12 @@ again, so handlers must be idempotent; ``key`` makes enqueueing idempotent too.
 
 Items sharing a ``partition`` are handed out strictly in enqueue order, one at a time:
 a later item is not claimable while an earlier one is unfinished (messaging order
-between one sender and one recipient, issue 7).
+between one sender and one recipient, issue 7). Only a partition's head is ever
+``ready``; the items behind it wait in state ``waiting`` and the transaction that finishes
+the head (done or dead) promotes the next one. So a partition stuck behind a recipient
+that is down costs claims nothing, however long its backlog grows. Enqueue and promotion
+of one partition are serialised by a transaction-scoped advisory lock on PostgreSQL (the
+single writer does it on SQLite).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import orjson
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import and_, func, or_, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -29,7 +34,8 @@ from sharedcare.queue.schema import queue_items
 from sharedcare.store.db import Database
 from sharedcare.store.repository import now_utc
 
-READY, LEASED, DONE, DEAD = "ready", "leased", "done", "dead"
+READY, LEASED, DONE, DEAD, WAITING = "ready", "leased", "done", "dead", "waiting"
+UNFINISHED = (READY, LEASED, WAITING)
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,12 +76,17 @@ async def enqueue(
 ) -> bool:
     """Add an item in the caller's transaction; False if ``key`` was already queued."""
     ts = now_utc()
+    state = READY
+    if partition is not None:
+        await _lock_partitions(conn, queue, [partition])
+        if await _has_unfinished(conn, queue, partition):
+            state = WAITING  # behind the partition's head; promoted when the head finishes
     values = {
         "queue": queue,
         "key": key,
         "partition": partition,
         "payload": orjson.dumps(payload),
-        "state": READY,
+        "state": state,
         "attempts": 0,
         "available_at": ts + timedelta(seconds=delay),
         "created_at": ts,
@@ -89,26 +100,97 @@ async def enqueue(
     return bool(result.rowcount)
 
 
-def _claimable(queue: str, now: datetime) -> Any:
-    q = queue_items.c
-    earlier = queue_items.alias("earlier")
-    blocked = (
-        select(earlier.c.id)
-        .where(
-            earlier.c.queue == q.queue,
-            earlier.c.partition == q.partition,
-            earlier.c.id < q.id,
-            earlier.c.state.in_((READY, LEASED)),
+async def enqueue_many(
+    conn: AsyncConnection, queue: str, items: list[tuple[dict[str, Any], str | None]]
+) -> None:
+    """Add ``(payload, partition)`` items in the caller's transaction, in list order.
+
+    The batch form of :func:`enqueue` (without idempotency keys): a few statements however
+    many items, for producers that group-commit (messaging's ``$process-message``).
+    """
+    if not items:
+        return
+    ts = now_utc()
+    partitions = sorted({p for _payload, p in items if p is not None})
+    busy: set[str] = set()
+    if partitions:
+        await _lock_partitions(conn, queue, partitions)
+        q = queue_items.c
+        rows = await conn.execute(
+            select(q.partition)
+            .where(q.queue == queue, q.partition.in_(partitions), q.state.in_(UNFINISHED))
+            .group_by(q.partition)
         )
-        .exists()
-    )
+        busy = {r.partition for r in rows}
+    values = []
+    for payload, partition in items:
+        state = READY
+        if partition is not None:
+            state = WAITING if partition in busy else READY
+            busy.add(partition)  # the next item of this partition waits behind this one
+        values.append(
+            {
+                "queue": queue, "key": None, "partition": partition, "payload": orjson.dumps(payload),
+                "state": state, "attempts": 0, "available_at": ts, "created_at": ts, "updated_at": ts,
+            }
+        )  # fmt: skip
+    await conn.execute(queue_items.insert(), values)
+
+
+def _claimable(queue: str, now: datetime) -> Any:
+    # Partition order needs no check here: only a partition's head is ever ready or leased.
+    q = queue_items.c
     return and_(
         q.queue == queue,
         or_(
             and_(q.state == READY, q.available_at <= now),
             and_(q.state == LEASED, q.leased_until < now),  # its worker died: take it over
         ),
-        or_(q.partition.is_(None), ~blocked),
+    )
+
+
+async def _lock_partitions(conn: AsyncConnection, queue: str, partitions: list[str]) -> None:
+    """Serialise enqueue and promotion per partition (PostgreSQL; SQLite has one writer)."""
+    if conn.dialect.name != "postgresql" or not partitions:
+        return
+    keys = sorted({f"{queue}\x1f{p}" for p in partitions})  # sorted: no lock-order deadlocks
+    await conn.execute(
+        text(
+            "SELECT pg_advisory_xact_lock(hashtext(k)) FROM unnest(CAST(:keys AS text[])) AS k ORDER BY k"
+        ),
+        {"keys": keys},
+    )
+
+
+async def _has_unfinished(conn: AsyncConnection, queue: str, partition: str) -> bool:
+    q = queue_items.c
+    found = await conn.execute(
+        select(q.id)
+        .where(q.queue == queue, q.partition == partition, q.state.in_(UNFINISHED))
+        .limit(1)
+    )
+    return found.first() is not None
+
+
+async def _promote(conn: AsyncConnection, queue: str, partitions: list[str], now: datetime) -> None:
+    """Make the oldest waiting item of each partition that has no head left ready.
+
+    One statement for all the partitions (this runs under their locks, so it must be short):
+    each partition's oldest unfinished item is promoted if it is waiting.
+    """
+    if not partitions:
+        return
+    q = queue_items.c
+    await _lock_partitions(conn, queue, partitions)
+    oldest = (
+        select(func.min(q.id))
+        .where(q.queue == queue, q.partition.in_(sorted(set(partitions))), q.state.in_(UNFINISHED))
+        .group_by(q.partition)
+    )
+    await conn.execute(
+        update(queue_items)
+        .where(q.id.in_(oldest.scalar_subquery()), q.state == WAITING)
+        .values(state=READY, available_at=now, updated_at=now)
     )
 
 
@@ -142,7 +224,15 @@ async def claim(
         ).all()
         return sorted(
             (
-                Item(r.id, r.queue, r.key, r.partition, orjson.loads(r.payload), r.attempts, r.created_at)
+                Item(
+                    r.id,
+                    r.queue,
+                    r.key,
+                    r.partition,
+                    orjson.loads(r.payload),
+                    r.attempts,
+                    r.created_at,
+                )
                 for r in rows
             ),
             key=lambda item: item.id,
@@ -155,19 +245,61 @@ async def complete(db: Database, ids: list[int]) -> None:
     """Mark items done (kept for audit and idempotency until pruned)."""
     if not ids:
         return
+    await db.write(lambda conn: complete_in(conn, ids))
+
+
+async def complete_in(conn: AsyncConnection, ids: list[int]) -> None:
+    """Mark items done inside the caller's transaction (with the business write it finishes)."""
+    if not ids:
+        return
+    now = now_utc()
+    q = queue_items.c
+    rows = (
+        await conn.execute(
+            update(queue_items)
+            .where(q.id.in_(ids))
+            .values(state=DONE, leased_until=None, updated_at=now)
+            .returning(q.queue, q.partition)
+        )
+    ).all()
+    by_queue: dict[str, list[str]] = {}
+    for row in rows:
+        if row.partition is not None:
+            by_queue.setdefault(row.queue, []).append(row.partition)
+    for queue, partitions in by_queue.items():
+        await _promote(conn, queue, partitions, now)
+
+
+async def release(db: Database, item: Item, delay: float, error: str | None = None) -> None:
+    """Hand a claimed item back untried, to be claimed again after ``delay`` seconds.
+
+    Not an attempt: for a worker that chose not to run the item now (its target is known to
+    be down or busy), so attempts and expiry keep counting real tries only.
+    """
     now = now_utc()
 
     async def work(conn: AsyncConnection) -> None:
+        values: dict[str, Any] = {
+            "state": READY,
+            "attempts": queue_items.c.attempts - 1,
+            "available_at": now + timedelta(seconds=delay),
+            "leased_until": None,
+            "updated_at": now,
+        }
+        if error is not None:
+            values["last_error"] = error[:2000]
         await conn.execute(
             update(queue_items)
-            .where(queue_items.c.id.in_(ids))
-            .values(state=DONE, leased_until=None, updated_at=now)
+            .where(queue_items.c.id == item.id, queue_items.c.state == LEASED)
+            .values(**values)
         )
 
     await db.write(work)
 
 
-async def fail(db: Database, item: Item, error: str, backoff: Backoff, *, permanent: bool = False) -> str:
+async def fail(
+    db: Database, item: Item, error: str, backoff: Backoff, *, permanent: bool = False
+) -> str:
     """Schedule a retry with backoff, or dead-letter the item; returns the new state."""
     now = now_utc()
     expired = backoff.expire_after is not None and now >= item.created_at + timedelta(
@@ -183,6 +315,8 @@ async def fail(db: Database, item: Item, error: str, backoff: Backoff, *, perman
 
     async def work(conn: AsyncConnection) -> None:
         await conn.execute(update(queue_items).where(queue_items.c.id == item.id).values(**values))
+        if dead and item.partition is not None:
+            await _promote(conn, item.queue, [item.partition], now)
 
     await db.write(work)
     return str(values["state"])
@@ -193,10 +327,21 @@ async def redrive(db: Database, item_id: int) -> bool:
     now = now_utc()
 
     async def work(conn: AsyncConnection) -> bool:
+        q = queue_items.c
+        row = (
+            await conn.execute(select(q.queue, q.partition).where(q.id == item_id, q.state == DEAD))
+        ).first()
+        if row is None:
+            return False
+        state = READY
+        if row.partition is not None:
+            await _lock_partitions(conn, row.queue, [row.partition])
+            if await _has_unfinished(conn, row.queue, row.partition):
+                state = WAITING  # goes next: it is older than everything waiting there
         result = await conn.execute(
             update(queue_items)
-            .where(queue_items.c.id == item_id, queue_items.c.state == DEAD)
-            .values(state=READY, available_at=now, attempts=0, updated_at=now)
+            .where(q.id == item_id, q.state == DEAD)
+            .values(state=state, available_at=now, attempts=0, updated_at=now)
         )
         return bool(result.rowcount)
 
@@ -209,7 +354,9 @@ async def sizes(db: Database) -> dict[tuple[str, str], int]:
     async with db.read() as conn:
         rows = (
             await conn.execute(
-                select(q.queue, q.state, func.count()).where(q.state != DONE).group_by(q.queue, q.state)
+                select(q.queue, q.state, func.count())
+                .where(q.state != DONE)
+                .group_by(q.queue, q.state)
             )
         ).all()
     return {(r[0], r[1]): r[2] for r in rows}

@@ -63,7 +63,9 @@ class Worker:
 
     async def run_once(self) -> int:
         """Claim and process one batch; returns how many items were processed."""
-        items = await q.claim(self.db, self.queue, limit=self.batch, lease=self.lease, owner=self.owner)
+        items = await q.claim(
+            self.db, self.queue, limit=self.batch, lease=self.lease, owner=self.owner
+        )
         if not items:
             return 0
         semaphore = asyncio.Semaphore(self.concurrency)
@@ -74,11 +76,23 @@ class Worker:
                 try:
                     await self.handler(item)
                 except Permanent as exc:
-                    await q.fail(self.db, item, str(exc) or "permanent failure", self.backoff, permanent=True)
-                    log.error("queue item dead-lettered", queue=self.queue, item=item.id, error=str(exc))
+                    await q.fail(
+                        self.db, item, str(exc) or "permanent failure", self.backoff, permanent=True
+                    )
+                    log.error(
+                        "queue item dead-lettered", queue=self.queue, item=item.id, error=str(exc)
+                    )
                 except Exception as exc:  # noqa: BLE001 - any handler failure is retried
-                    state = await q.fail(self.db, item, f"{type(exc).__name__}: {exc}", self.backoff)
-                    log.info("queue item failed", queue=self.queue, item=item.id, state=state, error=str(exc))
+                    state = await q.fail(
+                        self.db, item, f"{type(exc).__name__}: {exc}", self.backoff
+                    )
+                    log.info(
+                        "queue item failed",
+                        queue=self.queue,
+                        item=item.id,
+                        state=state,
+                        error=str(exc),
+                    )
                 else:
                     done.append(item.id)
 
@@ -93,7 +107,7 @@ class Worker:
         while not self._stopping:
             try:
                 processed = await self.run_once()
-            except Exception:  # noqa: BLE001 - keep the worker alive; the error is logged
+            except Exception:
                 log.error("queue worker error", queue=self.queue, exc_info=True)
                 processed = 0
                 await asyncio.sleep(1)

@@ -20,7 +20,7 @@ from sharedcare.store.repository import now_utc
 
 
 @pytest.fixture
-async def db(database_url: str):  # noqa: ANN201
+async def db(database_url: str):
     database = Database(database_url)
     await migrate.upgrade(database)
     yield database
@@ -28,7 +28,7 @@ async def db(database_url: str):  # noqa: ANN201
 
 
 async def put(db: Database, queue: str, n: int, **kw: object) -> None:
-    async def work(conn):  # noqa: ANN001, ANN202
+    async def work(conn):
         for i in range(n):
             await q.enqueue(conn, queue, {"n": i}, **kw)  # type: ignore[arg-type]
 
@@ -39,7 +39,7 @@ async def test_enqueue_is_part_of_the_callers_transaction(db: Database) -> None:
     class Boom(Exception):
         pass
 
-    async def work(conn):  # noqa: ANN001, ANN202
+    async def work(conn):
         await q.enqueue(conn, "t", {"n": 1})
         raise Boom
 
@@ -49,7 +49,7 @@ async def test_enqueue_is_part_of_the_callers_transaction(db: Database) -> None:
 
 
 async def test_same_key_is_queued_once(db: Database) -> None:
-    async def work(conn):  # noqa: ANN001, ANN202
+    async def work(conn):
         return [await q.enqueue(conn, "t", {"n": i}, key="bundle-1") for i in range(3)]
 
     assert await db.write(work) == [True, False, False]
@@ -69,7 +69,7 @@ async def test_concurrent_claimers_never_share_an_item(db: Database) -> None:
 
 
 async def test_partition_items_are_handed_out_one_at_a_time_in_order(db: Database) -> None:
-    async def work(conn):  # noqa: ANN001, ANN202
+    async def work(conn):
         for i in range(3):
             await q.enqueue(conn, "t", {"n": i}, partition="a->b")
         await q.enqueue(conn, "t", {"n": 99}, partition="c->d")
@@ -93,7 +93,7 @@ async def test_expired_lease_is_claimed_again(db: Database) -> None:
     (item,) = await q.claim(db, "t", lease=30)
     assert await q.claim(db, "t") == []
 
-    async def expire(conn):  # noqa: ANN001, ANN202
+    async def expire(conn):
         await conn.execute(update(queue_items).values(leased_until=now_utc() - timedelta(seconds=1)))
 
     await db.write(expire)  # as if its worker had died
@@ -154,3 +154,17 @@ def test_backoff_is_bounded_and_jittered(attempts: int, base: float, cap: float)
     ceiling = min(cap, base * 2 ** (attempts - 1))
     delay = backoff.delay(attempts, random.Random(attempts))
     assert ceiling / 2 <= delay <= ceiling <= cap
+
+
+async def test_enqueue_many_keeps_partition_order_and_a_backlog_costs_claims_nothing(db: Database) -> None:
+    async def work(conn):
+        await q.enqueue_many(conn, "t", [({"n": i}, "a->b") for i in range(500)] + [({"n": -1}, None)])
+
+    await db.write(work)
+    sizes = await q.sizes(db)
+    assert sizes[("t", q.WAITING)] == 499 and sizes[("t", q.READY)] == 2  # one head + the unpartitioned
+    seen = []
+    while items := await q.claim(db, "t", limit=50):
+        seen += [i.payload["n"] for i in items]
+        await q.complete(db, [i.id for i in items])
+    assert seen == [0, -1, *range(1, 500)]  # the partition one at a time, in order
