@@ -14,15 +14,10 @@ from sharedcare.pix.nhs import is_valid_nhs_number, nhs_check_digit  # noqa: F40
 
 NHS_SYSTEM = "https://fhir.nhs.uk/Id/nhs-number"
 
-FAMILY = (
-    "Smith Jones Taylor Brown Williams Wilson Johnson Davies Patel Wright Robinson Thompson "
-    "Evans Walker White Roberts Green Hall Wood Jackson Clarke Khan Hughes Edwards Lewis "
-    "Harris Martin Cooper Ward Turner Hill Moore Clark Wilkinson Mahmood Hussain Kaur Singh "
-    "Begum Ahmed Okafor Nowak Kowalski Murphy O'Brien Kelly Campbell Stewart Scott Morris"
-).split()
-GIVEN_F = "Olivia Amelia Isla Ava Mia Sophia Grace Lily Freya Emily Aisha Fatima Zara Chloe Ruby Ellie Maya Priya Hannah Niamh".split()
-GIVEN_M = "Oliver George Noah Arthur Harry Leo Jack Charlie Jacob Thomas Mohammed Ali Yusuf Oscar James William Adam Rohan Daniel Liam".split()
-STREETS = "High Street|Station Road|Church Lane|Park Avenue|Victoria Road|Green Lane|Manor Road|Mill Lane|Kings Road|Queens Drive".split("|")
+FAMILY = ["Smith", "Jones", "Taylor", "Brown", "Williams", "Wilson", "Johnson", "Davies", "Patel", "Wright", "Robinson", "Thompson", "Evans", "Walker", "White", "Roberts", "Green", "Hall", "Wood", "Jackson", "Clarke", "Khan", "Hughes", "Edwards", "Lewis", "Harris", "Martin", "Cooper", "Ward", "Turner", "Hill", "Moore", "Clark", "Wilkinson", "Mahmood", "Hussain", "Kaur", "Singh", "Begum", "Ahmed", "Okafor", "Nowak", "Kowalski", "Murphy", "O'Brien", "Kelly", "Campbell", "Stewart", "Scott", "Morris"]
+GIVEN_F = ["Olivia", "Amelia", "Isla", "Ava", "Mia", "Sophia", "Grace", "Lily", "Freya", "Emily", "Aisha", "Fatima", "Zara", "Chloe", "Ruby", "Ellie", "Maya", "Priya", "Hannah", "Niamh"]
+GIVEN_M = ["Oliver", "George", "Noah", "Arthur", "Harry", "Leo", "Jack", "Charlie", "Jacob", "Thomas", "Mohammed", "Ali", "Yusuf", "Oscar", "James", "William", "Adam", "Rohan", "Daniel", "Liam"]
+STREETS = ["High Street", "Station Road", "Church Lane", "Park Avenue", "Victoria Road", "Green Lane", "Manor Road", "Mill Lane", "Kings Road", "Queens Drive"]
 TOWNS = [("Leeds", "LS"), ("Bradford", "BD"), ("Wakefield", "WF"), ("Harrogate", "HG"), ("York", "YO"), ("Halifax", "HX"), ("Huddersfield", "HD"), ("Sheffield", "S")]
 
 
