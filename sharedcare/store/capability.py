@@ -3,10 +3,18 @@
 Interactions are read off the app's own routes, and search parameters off the store's
 loaded definitions, so the statement cannot claim what the server does not do
 (``tests/store/test_capability.py`` checks it against the routes).
+
+Routes outside the store (the patient index, the federated query, messaging) are declared by
+their own modules: each of :data:`CONTRIBUTORS` has a ``CAPABILITY`` dict with ``routes``
+((method, path) pairs) and optionally ``documentation`` (appended to rest.documentation),
+system-level ``operation`` entries and ``resource`` entries (merged into the store's entry for
+the same type, else added). A contribution is declared only when all its routes are mounted.
 """
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from starlette.routing import BaseRoute, Route
@@ -27,24 +35,76 @@ TYPE_INTERACTIONS = {
     r.search: "search-type",
 }
 SYSTEM_INTERACTIONS = {r.bundle: ("transaction", "batch")}
+# Modules that serve FHIR routes outside the store, each with a CAPABILITY declaration.
+CONTRIBUTORS = ("sharedcare.pix.hub", "sharedcare.query.hub", "sharedcare.messaging.routes")
 
 
 def served_interactions(app_routes: list[BaseRoute]) -> tuple[set[str], set[str]]:
     """(type-level, system-level) interaction codes that the given routes serve."""
     endpoints = {route.endpoint for route in app_routes if isinstance(route, Route)}
     type_level = {code for fn, code in TYPE_INTERACTIONS.items() if fn in endpoints}
-    system_level = {code for fn, codes in SYSTEM_INTERACTIONS.items() if fn in endpoints for code in codes}
+    system_level = {
+        code for fn, codes in SYSTEM_INTERACTIONS.items() if fn in endpoints for code in codes
+    }
     return type_level, system_level
 
 
+def mounted_contributions(app_routes: list[BaseRoute]) -> list[Mapping[str, Any]]:
+    """The ``CAPABILITY`` of each contributor whose routes are all mounted in ``app_routes``."""
+    mounted = {
+        (method, route.path)
+        for route in app_routes
+        if isinstance(route, Route)
+        for method in route.methods or ()
+    }
+    out = []
+    for name in CONTRIBUTORS:
+        declared: Mapping[str, Any] = importlib.import_module(name).CAPABILITY
+        if set(declared["routes"]) <= mounted:
+            out.append(declared)
+    return out
+
+
+def _merge(
+    resources: list[dict[str, Any]], contributions: Iterable[Mapping[str, Any]]
+) -> list[dict[str, Any]]:
+    """The store's resource entries with each contribution's merged in (one entry per type)."""
+    by_type = {entry["type"]: entry for entry in resources}
+    for contribution in contributions:
+        for extra in contribution.get("resource", ()):
+            entry = by_type.get(extra["type"])
+            if entry is None:
+                by_type[extra["type"]] = dict(extra)
+                continue
+            for key, value in extra.items():
+                if key == "operation":
+                    entry["operation"] = [*entry.get("operation", ()), *value]
+                elif key == "documentation" and "documentation" in entry:
+                    entry["documentation"] = f"{entry['documentation']} {value}"
+                else:
+                    entry[key] = value
+    return [by_type[t] for t in sorted(by_type)]
+
+
 def capability_statement(
-    app_routes: list[BaseRoute], params: dict[str, dict[str, SearchParam]], base: str
+    app_routes: list[BaseRoute],
+    params: dict[str, dict[str, SearchParam]],
+    base: str,
+    contributions: Iterable[Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
+    """The statement for ``app_routes``; ``contributions`` default to the mounted CONTRIBUTORS'."""
+    contributions = list(
+        mounted_contributions(app_routes) if contributions is None else contributions
+    )
     type_level, system_level = served_interactions(app_routes)
     resources = []
     for rtype in sorted(params):
         search_params = [
-            {"name": "_id", "type": "token", "definition": "http://hl7.org/fhir/SearchParameter/Resource-id"},
+            {
+                "name": "_id",
+                "type": "token",
+                "definition": "http://hl7.org/fhir/SearchParameter/Resource-id",
+            },
             {
                 "name": "_lastUpdated",
                 "type": "date",
@@ -56,11 +116,14 @@ def capability_statement(
                 "name": p.code,
                 "type": p.type,
                 "definition": p.url,
-                "documentation": "Modifiers: " + ", ".join(sorted(":" + m for m in MODIFIERS[p.type])),
+                "documentation": "Modifiers: "
+                + ", ".join(sorted(":" + m for m in MODIFIERS[p.type])),
             }
             for p in sorted(params[rtype].values(), key=lambda p: p.code)
         ]
-        references = sorted(f"{rtype}:{p.code}" for p in params[rtype].values() if p.type == "reference")
+        references = sorted(
+            f"{rtype}:{p.code}" for p in params[rtype].values() if p.type == "reference"
+        )
         resources.append(
             {
                 "type": rtype,
@@ -82,7 +145,7 @@ def capability_statement(
                 "searchParam": search_params,
             }
         )
-    return {
+    statement: dict[str, Any] = {
         "resourceType": "CapabilityStatement",
         "status": "active",
         "date": "2026-11-22",
@@ -96,7 +159,7 @@ def capability_statement(
             {
                 "mode": "server",
                 "documentation": (
-                    "Search: parameters AND when repeated, OR when comma-separated; _count "
+                    "Search of the hub's own types: parameters AND when repeated, OR when comma-separated; _count "
                     "(max per server setting), _sort=_lastUpdated|-_lastUpdated, "
                     "_total=accurate|none, _include and _revinclude (one level); unknown "
                     "parameters give 400 unless Prefer: handling=lenient."
@@ -107,7 +170,12 @@ def capability_statement(
                     "extension": [
                         {
                             "url": "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris",
-                            "extension": [{"url": "token", "valueUri": f"{base.rsplit('/fhir', 1)[0]}/oauth2/token"}],
+                            "extension": [
+                                {
+                                    "url": "token",
+                                    "valueUri": f"{base.rsplit('/fhir', 1)[0]}/oauth2/token",
+                                }
+                            ],
                         }
                     ],
                     "service": [
@@ -122,11 +190,22 @@ def capability_statement(
                     ],
                     "description": "Bearer tokens from POST /oauth2/token (SMART Backend Services).",
                 },
-                "resource": resources,
+                "resource": _merge(resources, contributions),
                 "interaction": [{"code": c} for c in sorted(system_level)],
             }
         ],
     }
+    rest = statement["rest"][0]
+    rest["documentation"] = " ".join(
+        [
+            rest["documentation"],
+            *(c["documentation"] for c in contributions if "documentation" in c),
+        ]
+    )
+    operations = [op for c in contributions for op in c.get("operation", ())]
+    if operations:
+        rest["operation"] = operations
+    return statement
 
 
 async def metadata(request: Any) -> Any:

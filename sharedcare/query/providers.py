@@ -1,0 +1,201 @@
+"""Outbound HTTP to providers: one pooled aiohttp session per provider, deadlines, a circuit breaker.
+
+aiohttp was measured against httpx for this job (``bench/http_clients.py``): fetching the
+same ~65 KB searchset from three local servers in parallel, aiohttp used a fraction of
+httpx's CPU per request, and CPU is what limits a hub node.
+
+Every call returns a :class:`Fetched` value, never raises: a provider that times out,
+refuses connections, answers an HTTP error or something that is not FHIR JSON, or whose
+breaker is open, becomes a failure with a *class* (``timeout``, ``unavailable``,
+``error``, ``invalid``, ``circuit_open``) and a message fit for a consumer: no stack
+trace, no internal URL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import orjson
+import structlog
+
+from sharedcare.query.metrics import record_provider
+
+log = structlog.get_logger("sharedcare.query")
+MAX_PROVIDER_BODY = 64 * 1024 * 1024  # a searchset page larger than this is not a sane answer
+_FHIR_ACCEPT = {"Accept": "application/fhir+json"}
+
+
+@dataclass(slots=True)
+class Fetched:
+    """What one provider request gave: a parsed JSON body, or a failure class and message."""
+
+    provider: str
+    status: int = 0
+    body: Any = None
+    failure: str | None = None  # timeout | unavailable | error | invalid | circuit_open
+    message: str = ""
+    seconds: float | None = None  # external round trip (None when never sent)
+    sent_at: float = 0.0
+    done_at: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.failure is None
+
+
+@dataclass(slots=True)
+class Breaker:
+    """A consecutive-failure circuit breaker (closed → open → half-open with one trial)."""
+
+    threshold: int
+    open_seconds: float
+    failures: int = 0
+    open_until: float = 0.0
+    trial: bool = False
+
+    def allow(self, now: float) -> bool:
+        if self.failures < self.threshold:
+            return True
+        if now < self.open_until or self.trial:
+            return False
+        self.trial = True  # half-open: this request is the trial
+        return True
+
+    def success(self) -> None:
+        self.failures = 0
+        self.trial = False
+
+    def failure(self, now: float) -> None:
+        self.failures += 1
+        self.trial = False
+        if self.failures >= self.threshold:
+            self.open_until = now + self.open_seconds
+
+
+@dataclass
+class ProviderClients:
+    """The pooled clients of one hub process, keyed by provider id (made on first use)."""
+
+    connections: int = 64
+    connect_timeout: float = 0.5
+    breaker_failures: int = 5
+    breaker_open_seconds: float = 10.0
+    _sessions: dict[str, aiohttp.ClientSession] = field(default_factory=dict)
+    _breakers: dict[str, Breaker] = field(default_factory=dict)
+
+    def breaker(self, provider: str) -> Breaker:
+        found = self._breakers.get(provider)
+        if found is None:
+            found = self._breakers[provider] = Breaker(
+                self.breaker_failures, self.breaker_open_seconds
+            )
+        return found
+
+    def _session(self, provider: str) -> aiohttp.ClientSession:
+        session = self._sessions.get(provider)
+        if session is None or session.closed:
+            connector = aiohttp.TCPConnector(
+                limit=self.connections,
+                limit_per_host=self.connections,
+                keepalive_timeout=30,
+                ttl_dns_cache=60,
+            )
+            session = aiohttp.ClientSession(
+                connector=connector, timeout=aiohttp.ClientTimeout(total=None), headers=_FHIR_ACCEPT
+            )
+            self._sessions[provider] = session
+        return session
+
+    def reset(self) -> None:
+        """Close every breaker (tests; an operator restarting a process gets the same)."""
+        self._breakers.clear()
+
+    async def close(self) -> None:
+        sessions, self._sessions = list(self._sessions.values()), {}
+        for session in sessions:
+            await session.close()
+
+    async def get(
+        self,
+        provider: str,
+        url: str,
+        wait: float,
+        *,
+        request_id: str | None = None,
+        check: Callable[[Any], str | None] | None = None,
+    ) -> Fetched:
+        """GET ``url`` from ``provider`` within ``wait`` seconds; always returns.
+
+        ``check(body)`` returns why a parsed 2xx body is unusable (None when it is fine); an
+        unusable body is an ``invalid`` failure, which counts against the breaker.
+        """
+        now = time.perf_counter()
+        breaker = self.breaker(provider)
+        if not breaker.allow(time.monotonic()):
+            record_provider(provider, "circuit_open", None)
+            return Fetched(
+                provider,
+                failure="circuit_open",
+                message="it failed repeatedly just before, so the hub is not asking it for a few seconds",
+                sent_at=now,
+                done_at=now,
+            )
+        result = Fetched(provider, sent_at=now)
+        headers = {"X-Request-ID": request_id} if request_id else None
+        timeout = aiohttp.ClientTimeout(total=wait, sock_connect=min(self.connect_timeout, wait))
+        try:
+            async with asyncio.timeout(wait):
+                async with self._session(provider).get(
+                    url, headers=headers, timeout=timeout
+                ) as response:
+                    result.status = response.status
+                    if response.content_length and response.content_length > MAX_PROVIDER_BODY:
+                        raise _Invalid("its answer is too large")
+                    raw = await response.read()
+            if result.status >= 400:
+                result.failure = "error"
+                result.message = f"it answered HTTP {result.status}"
+            else:
+                try:
+                    result.body = orjson.loads(raw)
+                except orjson.JSONDecodeError:
+                    raise _Invalid("its answer is not JSON") from None
+                problem = check(result.body) if check is not None else None
+                if problem:
+                    result.body = None
+                    raise _Invalid(problem)
+        except (TimeoutError, aiohttp.ServerTimeoutError):
+            result.failure = "timeout"
+            result.message = f"it did not answer within {round(wait * 1000)} ms"
+        except _Invalid as exc:
+            result.failure = "invalid"
+            result.message = str(exc)
+        except (aiohttp.ClientError, OSError) as exc:
+            result.failure = "unavailable"
+            result.message = "the hub could not reach it"
+            log.info("provider unreachable", provider=provider, error=type(exc).__name__)
+        result.done_at = time.perf_counter()
+        result.seconds = result.done_at - now
+        self.settle(result)
+        return result
+
+    def settle(self, result: Fetched) -> None:
+        """Count the outcome and feed the breaker (a 4xx is our question's fault, not the provider's)."""
+        outcome = result.failure or "ok"
+        record_provider(result.provider, outcome, result.seconds)
+        breaker = self.breaker(result.provider)
+        if result.failure is None or (
+            result.failure == "error" and result.status < 500 and result.status != 429
+        ):
+            breaker.success()
+        else:
+            breaker.failure(time.monotonic())
+
+
+class _Invalid(Exception):
+    """A provider answered something that is not a usable FHIR response."""
