@@ -12,18 +12,18 @@ from starlette.middleware import Middleware
 from starlette.routing import BaseRoute, Route
 
 from sharedcare import __version__
-from sharedcare.consent import hub as consent_hub
-from sharedcare.messaging import hub as messaging_hub
-from sharedcare.pix import hub as pix_hub
-from sharedcare.query import hub as query_hub
 from sharedcare.audit import AuditWriter
+from sharedcare.consent import hub as consent_hub
 from sharedcare.fhir.responses import EXCEPTION_HANDLERS
 from sharedcare.iam.middleware import AuthMiddleware
 from sharedcare.iam.routes import iam_routes
 from sharedcare.iam.service import Iam
 from sharedcare.logs import configure_logging
+from sharedcare.messaging import hub as messaging_hub
 from sharedcare.metrics.health import health_routes
 from sharedcare.metrics.middleware import MetricsMiddleware, RequestIdMiddleware
+from sharedcare.pix import hub as pix_hub
+from sharedcare.query import hub as query_hub
 from sharedcare.settings import Settings, load_settings
 from sharedcare.store import migrate
 from sharedcare.store.capability import metadata

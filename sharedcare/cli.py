@@ -5,16 +5,20 @@ from __future__ import annotations
 import asyncio
 import os
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
 
 from sharedcare import __version__
 from sharedcare.audit.cli import audit_app
+from sharedcare.messaging.cli import messages_app
+from sharedcare.pix.cli import pix_app
+from sharedcare.query.cli import query as query_command
 from sharedcare.registry.cli import participants_app
-from sharedcare.simulators.cli import app as simulate_app
 from sharedcare.settings import Settings, load_settings
+from sharedcare.simulators.cli import app as simulate_app
+from sharedcare.simulators.loadtest import loadtest_app
 
 app = typer.Typer(
     help="sharedcare: a regional health and care record-sharing hub.",
@@ -25,7 +29,11 @@ db_app = typer.Typer(help="Database migrations.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(participants_app, name="participants")
 app.add_typer(audit_app, name="audit")
+app.add_typer(pix_app, name="pix")
+app.add_typer(messages_app, name="messages")
+app.add_typer(loadtest_app, name="loadtest")
 app.add_typer(simulate_app, name="simulate", help="Run the simulators (PDS, ...).")
+app.command("query")(query_command)
 console = Console(stderr=True)
 
 
@@ -117,9 +125,12 @@ def db_current() -> None:
 
 
 def run_server(settings: Settings) -> None:
-    """Migrate once, then run uvicorn with the configured workers."""
-    import uvicorn
+    """Migrate once, then run uvicorn with the configured workers.
 
+    Several workers each get their own SO_REUSEPORT listening socket on Linux, so the
+    kernel spreads connections evenly over them (see ``sharedcare.serving``).
+    """
+    from sharedcare import serving
     from sharedcare.logs import configure_logging
     from sharedcare.metrics.registry import setup_multiprocess_dir
 
@@ -140,7 +151,7 @@ def run_server(settings: Settings) -> None:
     os.environ.update(env)
     if settings.workers > 1:
         setup_multiprocess_dir(settings.data_dir / "prometheus")
-    uvicorn.run(
+    serving.run(
         "sharedcare.app:create_app",
         factory=True,
         host=settings.host,
@@ -154,9 +165,9 @@ def run_server(settings: Settings) -> None:
 
 @app.command()
 def serve(
-    host: Annotated[Optional[str], typer.Option(help="Interface to listen on.")] = None,
-    port: Annotated[Optional[int], typer.Option(help="TCP port.")] = None,
-    workers: Annotated[Optional[int], typer.Option(help="Worker processes.")] = None,
+    host: Annotated[str | None, typer.Option(help="Interface to listen on.")] = None,
+    port: Annotated[int | None, typer.Option(help="TCP port.")] = None,
+    workers: Annotated[int | None, typer.Option(help="Worker processes.")] = None,
 ) -> None:
     """Run the hub's HTTP API (FHIR, health, metrics)."""
     run_server(_settings(host=host, port=port, workers=workers))
@@ -164,33 +175,21 @@ def serve(
 
 @app.command()
 def demo(
-    port: Annotated[int, typer.Option(help="TCP port for the hub.")] = 8080,
-    data_dir: Annotated[Path, typer.Option(help="Folder for the demo's database and files.")] = Path(
+    port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port for the hub (0: any free port).")] = 8080,
+    data_dir: Annotated[Path, typer.Option(help="Folder for the demo's database, keys and demo.json.")] = Path(
         "sharedcare-demo"
     ),
-    people: Annotated[int, typer.Option(help="Sample people to load on first start.")] = 200,
+    people: Annotated[int, typer.Option(min=10, max=5000, help="People the PDS and provider simulators hold.")] = 300,
 ) -> None:
-    """Start the hub on its embedded default (SQLite, local folder) with sample data."""
-    from sharedcare.demo import load_sample_data
+    """Start the hub, a PDS simulator and three provider simulators, register everything, print how to query."""
+    from sharedcare.demo import run_demo
 
     settings = _settings(port=port, data_dir=data_dir)
-    asyncio.run(_upgrade(settings))
-    loaded, key_file = asyncio.run(load_sample_data(settings, people, console))
-    base = settings.fhir_base
-    token_cmd = f"sharedcare token --client-id demo-consumer --key {key_file} --fhir-base {base}"
-    console.print(
-        f"\n[bold green]sharedcare {__version__}[/bold green] demo on the embedded default\n"
-        f"  FHIR base:   {base}\n"
-        f"  data folder: {settings.data_dir.resolve()}\n"
-        f"  sample data: {loaded}\n"
-        f"  consumer:    client_id demo-consumer, private key {key_file}\n\n"
-        f"Try (in another terminal):\n"
-        f"  TOKEN=$({token_cmd})\n"
-        f"  curl -s -H \"Authorization: Bearer $TOKEN\" '{base}/Patient?family=smith&_count=5'\n"
-        f"  curl -s '{base}/metadata' | head -c 300\n\nCtrl-C stops the hub.\n",
-        soft_wrap=True,  # keep each command on one line so it can be pasted
-    )
-    run_server(settings)
+    try:
+        run_demo(settings, people, console, default_data_dir=Path("sharedcare-demo"))
+    except OSError as exc:
+        console.print(f"[red]The demo could not start:[/red] {exc}")
+        raise typer.Exit(1) from None
 
 
 DEMO_USER = '{"requesting_user":{"id":"C123456","name":"Dr Ann Example","role":"R8000"},"requesting_organization":"RR8","reason_for_access":"TREAT"}'

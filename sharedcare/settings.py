@@ -108,6 +108,100 @@ class Settings(BaseSettings):
     rate_limit_burst: int = Field(
         2000, ge=1, description="Largest burst per client system above its steady rate (token bucket size)."
     )
+    # -- synchronous federated query (issue 6) ---------------------------------------------
+    query_provider_wait_ms: int = Field(
+        1500, ge=1, le=60_000,
+        description="How long a federated query waits for each provider before reporting it as timed out.",
+    )
+    query_max_provider_wait_ms: int = Field(
+        5000, ge=1, le=60_000,
+        description="Cap on the per-request override X-Provider-Wait-Time (also YHCR-Provider-Wait-time); larger values are capped.",
+    )
+    query_connect_timeout_ms: int = Field(
+        500, ge=1, le=60_000,
+        description="Longest wait to open a connection to a provider (never longer than the provider wait).",
+    )
+    query_provider_connections: int = Field(
+        64, ge=1, le=10_000, description="Pooled keep-alive connections per provider per hub process."
+    )
+    query_breaker_failures: int = Field(
+        5, ge=1, description="Consecutive failures (timeouts, connection errors, 5xx, invalid FHIR) that open a provider's circuit breaker."
+    )
+    query_breaker_open_seconds: float = Field(
+        10.0, gt=0, le=3600,
+        description="How long an open circuit breaker answers for the provider (one trial request is then let through).",
+    )
+    query_cursor_lifetime_seconds: int = Field(
+        900, ge=10, le=86_400, description="How long a federated query's `next` link stays valid."
+    )
+    # -- consent and audit (issue 5) --------------------------------------------------------
+    consent_policy_file: Path | None = Field(
+        None,
+        description=(
+            "Regional information-sharing policy (TOML). Unset: the policy shipped with sharedcare. "
+            "Reloaded on SIGHUP and when the file changes; a bad new file keeps the old policy (logged)."
+        ),
+    )
+    consent_policy_check_seconds: float = Field(
+        5.0, ge=0, description="How often each hub process checks the policy file for changes (0: only on SIGHUP)."
+    )
+    consent_records_refresh_seconds: float = Field(
+        300.0, ge=0, description="How often the consent-records-by-policy gauge is recounted (0: at start only)."
+    )
+
+    # -- patient index (pix, issue 4) --------------------------------------------------------
+    pds_base_url: str | None = Field(
+        None,
+        description=(
+            "Base URL of the PDS-compatible FHIR endpoint registrations are traced against "
+            "(GET {base}/Patient/{nhs}). Unset: traces wait in the queue and registrations stay pending."
+        ),
+    )
+    pds_timeout_seconds: float = Field(
+        5.0, gt=0, le=60, description="Longest wait for one PDS trace before it counts as a transient error."
+    )
+    pix_trace_concurrency: int = Field(
+        16, ge=1, le=256, description="PDS traces in flight at once per hub process."
+    )
+    pix_count_seconds: float = Field(
+        60.0,
+        ge=1,
+        description="How often each hub process refreshes the people and linkage count metrics.",
+    )
+    # -- reliable messaging (issue 7) --------------------------------------------------------
+    messaging_workers: bool = Field(
+        True,
+        description=(
+            "Run push-delivery workers inside each `sharedcare serve` process. false: run them "
+            "separately with `sharedcare messages worker`."
+        ),
+    )
+    messaging_max_message_bytes: int = Field(
+        4 * 1024 * 1024, ge=1024, description="Largest message accepted by $process-message (413 above it)."
+    )
+    messaging_expiry_seconds: float = Field(
+        86_400.0,
+        gt=0,
+        description=(
+            "A message not delivered (pushed with a 2xx, or acknowledged from the mailbox) within this "
+            "time is dead-lettered and its sender gets a fatal-error response."
+        ),
+    )
+    messaging_retry_base_seconds: float = Field(
+        1.0, gt=0, description="First retry delay of a failed push; doubles per attempt, with full jitter."
+    )
+    messaging_retry_cap_seconds: float = Field(
+        300.0, gt=0, description="Longest delay between two push attempts to a recipient."
+    )
+    messaging_delivery_timeout_seconds: float = Field(
+        10.0, gt=0, le=300, description="Longest wait for a recipient to answer one push."
+    )
+    messaging_concurrency: int = Field(
+        128, ge=1, le=10_000, description="Pushes in flight at once per delivery worker."
+    )
+    messaging_per_recipient_concurrency: int = Field(
+        16, ge=1, le=1_000, description="Pushes in flight at once to one recipient per delivery worker."
+    )
 
     @classmethod
     def settings_customise_sources(

@@ -56,7 +56,7 @@ def pg_database() -> Iterator[str | None]:
 
     try:
         asyncio.run(admin(f'CREATE DATABASE "{name}"'))
-    except (OSError, asyncpg.PostgresError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
         if _in_ci():
             pytest.fail(f"PostgreSQL at {PG_ADMIN} is required under CI and unreachable: {exc}")
         yield None

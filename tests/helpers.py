@@ -80,7 +80,7 @@ class RunningHub:
         self.__exit__()
         raise RuntimeError("hub did not become ready in 30 s")
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
             try:

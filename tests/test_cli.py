@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+
 from sharedcare import __version__
 from sharedcare.settings import Settings
 

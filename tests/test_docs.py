@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import pytest
 import click
+import pytest
 import typer.main
 
 from sharedcare.cli import app as cli_app
@@ -16,7 +16,7 @@ README = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8"
 
 
 def _documented_settings() -> set[str]:
-    return set(re.findall(r"^\|\s*`(SHAREDCARE_[A-Z0-9_]+)`", README, flags=re.M))
+    return set(re.findall(r"^\|\s*`(SHAREDCARE_[A-Z0-9_]+)`", README, flags=re.MULTILINE))
 
 
 @pytest.mark.parametrize("field", sorted(Settings.model_fields))
@@ -46,7 +46,7 @@ def test_every_cli_command_is_in_the_readme(command: str) -> None:
 
 def test_readme_opens_with_exactly_two_setup_commands() -> None:
     head = README.split("\n## ", 1)[0]
-    blocks = re.findall(r"```(?:bash|sh|console)?\n(.*?)```", head, flags=re.S)
+    blocks = re.findall(r"```(?:bash|sh|console)?\n(.*?)```", head, flags=re.DOTALL)
     assert len(blocks) == 2
     assert "sharedcare demo" in blocks[0]
     assert "pytest" in blocks[1]

@@ -11,13 +11,13 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection
 
-from sharedcare.store.db import Database
+import sharedcare.messaging.schema
+import sharedcare.pix.schema
 
 # Every capability's tables live on one metadata and one migration history: import them
 # here so that whoever migrates (or truncates, in tests) sees all of them.
-import sharedcare.queue.schema  # noqa: E402,F401,I001
-import sharedcare.pix.schema  # noqa: E402,F401,I001
-import sharedcare.messaging.schema  # noqa: E402,F401,I001
+import sharedcare.queue.schema  # noqa: F401
+from sharedcare.store.db import Database
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 # Alembic narrates every connection at INFO; the CLI and app report the outcome themselves.

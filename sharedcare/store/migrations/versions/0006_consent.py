@@ -12,7 +12,6 @@ from __future__ import annotations
 import sqlalchemy as sa  # noqa: F401
 from alembic import op  # noqa: F401
 
-
 revision = '0006_consent'
 down_revision = '0005_messaging'
 branch_labels = None

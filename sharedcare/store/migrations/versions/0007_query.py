@@ -12,7 +12,6 @@ from __future__ import annotations
 import sqlalchemy as sa  # noqa: F401
 from alembic import op  # noqa: F401
 
-
 revision = '0007_query'
 down_revision = '0006_consent'
 branch_labels = None
