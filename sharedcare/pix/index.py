@@ -237,7 +237,15 @@ async def connection_failures_as_503() -> AsyncIterator[None]:
 
 
 async def driver_connection(conn: AsyncConnection) -> Any:
-    """The asyncpg connection under a SQLAlchemy connection (PostgreSQL fast paths)."""
+    """The asyncpg connection under a SQLAlchemy connection (PostgreSQL fast paths).
+
+    SQLAlchemy's asyncpg adapter sends BEGIN lazily, with its first statement: a raw driver
+    call made before that would run in autocommit, outside the caller's transaction (a
+    killed bulk load then left a chunk's people without their linkages). One statement
+    through SQLAlchemy first makes every driver call part of the transaction.
+    """
+    if conn.in_transaction():
+        await conn.exec_driver_sql("SELECT 1")
     raw = await conn.get_raw_connection()
     driver: Any = raw.driver_connection
     return driver
