@@ -37,14 +37,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from sharedcare.fhir.errors import FHIRError
-from sharedcare.pix.index import (
-    PENDING,
-    UNVERIFIED,
-    VERIFIED,
-    PatientIndex,
-    driver_connection,
-    prepare_golden,
-)
+from sharedcare.pix.connections import driver_connection
+from sharedcare.pix.index import PENDING, UNVERIFIED, VERIFIED, PatientIndex, prepare_golden
 from sharedcare.pix.metrics import record_registration
 from sharedcare.pix.registration import Refused, Registration, parse_registration
 from sharedcare.pix.schema import pix_links, pix_people

@@ -27,28 +27,60 @@ import contextlib
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final
 
 import orjson
 from asyncpg.exceptions import InterfaceError as _PGInterfaceError
-from asyncpg.exceptions import PostgresConnectionError as _PGConnectionError
 from asyncpg.exceptions import PostgresError as _PGError
 from sqlalchemy import and_, func, insert, select, update
-from sqlalchemy.exc import DBAPIError
-from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.pool import QueuePool
 from sqlalchemy.util import greenlet_spawn
 
 from sharedcare.fhir.errors import FHIRError
-from sharedcare.pix.nhs import NHS_NUMBER_SYSTEM
+from sharedcare.pix.connections import (
+    connection_failures_as_503,
+    is_connection_failure,
+    unavailable,
+)
+from sharedcare.pix.lookup import (
+    FIND_BY_ID,
+    FIND_BY_NHS,
+    FIND_LINK,
+    PERSON_LINKS,
+    follow_merges_pg,
+    person_of_rows,
+)
+from sharedcare.pix.model import (
+    ERROR,
+    MAX_MERGE_HOPS,
+    MISMATCH,
+    NOT_FOUND,
+    PENDING,
+    REVIEW,
+    ROUTABLE,
+    STATUSES,
+    TRACE_STATUS,
+    UNLINKED,
+    UNVERIFIED,
+    VERIFIED,
+    Linkage,
+    Person,
+    RegisterResult,
+    ReviewItem,
+    _review_item,
+    demographic_values,
+    demographics_of_row,
+    golden_patient,
+    prepare_golden,
+    registration_id,
+)
 from sharedcare.pix.registration import Refused, Registration, refuse
 from sharedcare.pix.schema import pix_link_history, pix_links, pix_merges, pix_people
-from sharedcare.pix.tracing import Demographics, TraceOutcome, TraceResult, enqueue_trace
+from sharedcare.pix.tracing import Demographics, TraceResult, enqueue_trace
 from sharedcare.store.db import Database
-from sharedcare.store.repository import Prepared, Store, now_utc
+from sharedcare.store.repository import Store, now_utc
 
 __all__ = [
     "PENDING",
@@ -61,218 +93,9 @@ __all__ = [
     "golden_patient",
 ]
 
-PENDING, UNVERIFIED, VERIFIED = "pending", "unverified", "verified"
-MISMATCH, NOT_FOUND, ERROR, UNLINKED = "mismatch", "not_found", "error", "unlinked"
-STATUSES: Final = (PENDING, UNVERIFIED, VERIFIED, MISMATCH, NOT_FOUND, ERROR, UNLINKED)
-ROUTABLE: Final = frozenset({VERIFIED})
-REVIEW: Final = (PENDING, UNVERIFIED, MISMATCH, NOT_FOUND, ERROR)
-TRACE_STATUS: Final = {
-    TraceOutcome.VERIFIED: VERIFIED,
-    TraceOutcome.MISMATCH: MISMATCH,
-    TraceOutcome.NOT_FOUND: NOT_FOUND,
-    TraceOutcome.PERMANENT_ERROR: ERROR,
-    TraceOutcome.TRANSIENT_ERROR: ERROR,  # only reported once the queue gave up
-}
-MAX_MERGE_HOPS: Final = 16
 
-
-@dataclass(frozen=True, slots=True)
-class Linkage:
-    provider: str  # client_id of the provider system (registry)
-    system: str  # the provider's local identifier system
-    value: str  # the provider's local patient id (its Patient/{value})
-    status: str  # one of STATUSES
-    updated: datetime
-
-
-@dataclass(frozen=True, slots=True)
-class Person:
-    id: str  # the hub Patient id; "Patient/{id}" is what consent and audit reference
-    nhs_number: str | None
-    links: tuple[Linkage, ...]
-
-    @property
-    def routable(self) -> tuple[Linkage, ...]:
-        """Links a query may be routed to: verified only."""
-        return tuple(link for link in self.links if link.status in ROUTABLE)
-
-
-@dataclass(frozen=True, slots=True)
-class RegisterResult:
-    link_id: int
-    person_id: str | None
-    status: str
-    created: bool  # a new linkage (201) rather than an update or repeat (200)
-    changed: bool  # something was written
-
-
-@dataclass(frozen=True, slots=True)
-class ReviewItem:
-    link_id: int
-    provider: str
-    system: str
-    value: str
-    status: str
-    person_id: str | None
-    nhs_number: str | None
-    reasons: str | None
-    updated: datetime
-
-
-def golden_patient(nhs_number: str | None, demographics: Demographics) -> dict[str, Any]:
-    """The hub's Patient for a person: NHS number and demographics only, no clinical data."""
-    patient: dict[str, Any] = {"resourceType": "Patient", "active": True}
-    if nhs_number:
-        patient["identifier"] = [{"system": NHS_NUMBER_SYSTEM, "value": nhs_number}]
-    name: dict[str, Any] = {"use": "official", "family": demographics.family}
-    if demographics.given:
-        name["given"] = [demographics.given]
-    patient["name"] = [name]
-    patient["gender"] = demographics.gender
-    patient["birthDate"] = demographics.birth_date
-    if demographics.postcode:
-        patient["address"] = [{"use": "home", "postalCode": demographics.postcode}]
-    return patient
-
-
-def prepare_golden(store: Store, nhs_number: str | None, demographics: Demographics) -> Prepared:
-    """The golden Patient ready to write. Built by the hub from checked values, so it skips
-    the pydantic model pass (the audit writer does the same for its server-built events)."""
-    body = golden_patient(nhs_number, demographics)
-    return Prepared("Patient", body, store.indexer.extract(body))
-
-
-def _registration_id(link_id: int, revision: int) -> str:
-    return f"{link_id}.{revision}"
-
-
-def _demographics_of(row: Any) -> Demographics:
-    return Demographics(row.family, row.given, row.birth_date, row.gender, row.postcode)
-
-
-def _demographic_values(reg: Registration) -> dict[str, Any]:
-    d = reg.demographics
-    return {
-        "family": d.family,
-        "given": d.given,
-        "birth_date": d.birth_date,
-        "gender": d.gender,
-        "postcode": d.postcode,
-    }
-
-
-_PERSON_LINKS = select(
-    pix_people.c.id,
-    pix_people.c.nhs_number,
-    pix_people.c.merged_into,
-    pix_links.c.provider,
-    pix_links.c.system,
-    pix_links.c.value,
-    pix_links.c.status,
-    pix_links.c.updated,
-).select_from(pix_people.outerjoin(pix_links, pix_links.c.person_id == pix_people.c.id))
-
-
-_FIND_COLUMNS = (
-    "SELECT p.id, p.nhs_number, p.merged_into, l.provider, l.system, l.value, l.status, l.updated "
-    "FROM pix_people p LEFT OUTER JOIN pix_links l ON l.person_id = p.id WHERE "
-)
-_FIND_BY_NHS = _FIND_COLUMNS + "p.nhs_number = $1"
-_FIND_BY_ID = _FIND_COLUMNS + "p.id = $1"
-# A local identifier → its linkage and the person it claims, in one round trip (the person's
-# rows come from the same statement; merges are followed afterwards by id).
-_FIND_LINK = (
-    "SELECT k.id AS link_id, k.provider AS link_provider, k.system AS link_system, "
-    "k.value AS link_value, k.status AS link_status, k.person_id AS link_person, "
-    "k.nhs_number AS link_nhs, k.reasons AS link_reasons, k.updated AS link_updated, "
-    "p.id, p.nhs_number, p.merged_into, l.provider, l.system, l.value, l.status, l.updated "
-    "FROM pix_links k LEFT OUTER JOIN pix_people p ON p.id = k.person_id "
-    "LEFT OUTER JOIN pix_links l ON l.person_id = p.id WHERE k.system = $1 AND k.value = $2"
-)
 LEASE_WAIT_S: Final = 5.0  # the longest a lookup waits for a connection before answering 503
 LEASE_IDLE_S: Final = 1.0  # an idle lookup lease gives its connection back to the pool after this
-# SQLSTATE classes of a connection that failed or was refused: connection exception,
-# insufficient resources (too many clients), operator intervention (shutdown, starting up).
-_CONNECTION_SQLSTATES: Final = ("08", "53", "57P01", "57P02", "57P03")
-
-
-def unavailable() -> FHIRError:
-    """The 503 a request gets when the database has no connection for it (never a 500)."""
-    return FHIRError.of(
-        503,
-        "transient",
-        "The patient index database has no connection free (the hub is at capacity); retry "
-        "shortly.",
-        headers={"Retry-After": "1"},
-    )
-
-
-def is_connection_failure(exc: BaseException) -> bool:
-    """Pool exhausted, server out of connections, or a connection lost: retryable, a 503."""
-    if isinstance(exc, PoolTimeout | OSError | _PGInterfaceError | _PGConnectionError):
-        return True
-    if isinstance(exc, DBAPIError):
-        if exc.connection_invalidated:
-            return True
-        orig = exc.orig
-        cause = getattr(orig, "__cause__", None)
-        if isinstance(orig, OSError) or isinstance(cause, OSError | _PGConnectionError):
-            return True
-        state = str(getattr(orig, "sqlstate", None) or getattr(cause, "sqlstate", None) or "")
-        return state.startswith(_CONNECTION_SQLSTATES)
-    return False
-
-
-@asynccontextmanager
-async def connection_failures_as_503() -> AsyncIterator[None]:
-    """Turn a connection failure (see :func:`is_connection_failure`) into :func:`unavailable`."""
-    try:
-        yield
-    except FHIRError:
-        raise
-    except Exception as exc:
-        if is_connection_failure(exc):
-            raise unavailable() from exc
-        raise
-
-
-async def driver_connection(conn: AsyncConnection) -> Any:
-    """The asyncpg connection under a SQLAlchemy connection (PostgreSQL fast paths).
-
-    SQLAlchemy's asyncpg adapter sends BEGIN lazily, with its first statement: a raw driver
-    call made before that would run in autocommit, outside the caller's transaction (a
-    killed bulk load then left a chunk's people without their linkages). One statement
-    through SQLAlchemy first makes every driver call part of the transaction.
-    """
-    if conn.in_transaction():
-        await conn.exec_driver_sql("SELECT 1")
-    raw = await conn.get_raw_connection()
-    driver: Any = raw.driver_connection
-    return driver
-
-
-def _person(rows: Sequence[Any]) -> Person | None:
-    if not rows:
-        return None
-    first = rows[0]
-    links = tuple(
-        Linkage(r["provider"], r["system"], r["value"], r["status"], r["updated"])
-        for r in rows
-        if r["provider"] is not None
-    )
-    return Person(first["id"], first["nhs_number"], links)
-
-
-async def _follow_pg(driver: Any, rows: Sequence[Any]) -> Person | None:
-    """The person of ``rows`` (people ⟕ links), following merges to the survivor."""
-    for _ in range(MAX_MERGE_HOPS):
-        if not rows or rows[0]["id"] is None:
-            return None
-        survivor = rows[0]["merged_into"]
-        if survivor is None:
-            return _person(rows)
-        rows = await driver.fetch(_FIND_BY_ID, survivor)
-    return _person(rows)
 
 
 class PatientIndex:
@@ -399,31 +222,31 @@ class PatientIndex:
         if self.db.dialect == "postgresql":
             async with self._driver() as driver:
                 if nhs_number is not None:
-                    rows = await driver.fetch(_FIND_BY_NHS, nhs_number)
+                    rows = await driver.fetch(FIND_BY_NHS, nhs_number)
                 else:
-                    rows = await driver.fetch(_FIND_BY_ID, person_id)
-                return await _follow_pg(driver, rows)
+                    rows = await driver.fetch(FIND_BY_ID, person_id)
+                return await follow_merges_pg(driver, rows)
         async with self._read() as conn:
             where = (
                 pix_people.c.nhs_number == nhs_number
                 if nhs_number is not None
                 else pix_people.c.id == person_id
             )
-            rows = (await conn.execute(_PERSON_LINKS.where(where))).all()
+            rows = (await conn.execute(PERSON_LINKS.where(where))).all()
             for _ in range(MAX_MERGE_HOPS):
                 if not rows:
                     return None
                 survivor = rows[0].merged_into
                 if survivor is None:
                     break
-                rows = (await conn.execute(_PERSON_LINKS.where(pix_people.c.id == survivor))).all()
-        return _person([r._mapping for r in rows])
+                rows = (await conn.execute(PERSON_LINKS.where(pix_people.c.id == survivor))).all()
+        return person_of_rows([r._mapping for r in rows])
 
     async def find_link(self, system: str, value: str) -> tuple[ReviewItem, Person | None] | None:
         """The linkage registered under a local identifier and the person it claims."""
         if self.db.dialect == "postgresql":  # one statement for the link and its person
             async with self._driver() as driver:
-                rows = await driver.fetch(_FIND_LINK, system, value)
+                rows = await driver.fetch(FIND_LINK, system, value)
                 if not rows:
                     return None
                 first = rows[0]
@@ -440,7 +263,7 @@ class PatientIndex:
                 )
                 if first["link_person"] is None:
                     return item, None
-                return item, await _follow_pg(driver, rows)
+                return item, await follow_merges_pg(driver, rows)
         async with self._read() as conn:
             row = (
                 await conn.execute(
@@ -542,7 +365,7 @@ class PatientIndex:
                         created=now,
                         updated=now,
                         reasons=None if reg.nhs_number else "no NHS number given: cannot be traced",
-                        **_demographic_values(reg),
+                        **demographic_values(reg),
                     )
                     .returning(pix_links.c.id)
                 )
@@ -550,7 +373,7 @@ class PatientIndex:
             await self._history(conn, link_id, now, "registered", None, person_id, None, status)
             if reg.nhs_number:
                 await enqueue_trace(
-                    conn, _registration_id(link_id, 1), reg.nhs_number, reg.demographics
+                    conn, registration_id(link_id, 1), reg.nhs_number, reg.demographics
                 )
             return RegisterResult(link_id, person_id, status, created=True, changed=True)
         return await self._reregister(conn, reg, prepared, link, now)
@@ -565,7 +388,7 @@ class PatientIndex:
                 "conflict",
                 f"The identifier {reg.system}|{reg.value} is registered by another provider ({link.provider}).",
             )
-        same_demographics = _demographics_of(link) == reg.demographics
+        same_demographics = demographics_of_row(link) == reg.demographics
         if link.status != UNLINKED and link.nhs_number and reg.nhs_number != link.nhs_number:
             claimed = reg.nhs_number or "no NHS number"
             raise refuse(
@@ -599,7 +422,7 @@ class PatientIndex:
                 revision=revision,
                 updated=now,
                 reasons=None if reg.nhs_number else "no NHS number given: cannot be traced",
-                **_demographic_values(reg),
+                **demographic_values(reg),
             )
         )
         await self._history(
@@ -607,7 +430,7 @@ class PatientIndex:
         )
         if reg.nhs_number:
             await enqueue_trace(
-                conn, _registration_id(link.id, revision), reg.nhs_number, reg.demographics
+                conn, registration_id(link.id, revision), reg.nhs_number, reg.demographics
             )
         return RegisterResult(link.id, person_id, status, created=False, changed=True)
 
@@ -712,7 +535,7 @@ class PatientIndex:
             )
             if status == VERIFIED and link.person_id:
                 await self._adopt_demographics(
-                    conn, link.person_id, _demographics_of(link), link.nhs_number, now
+                    conn, link.person_id, demographics_of_row(link), link.nhs_number, now
                 )
             return status
 
@@ -950,20 +773,6 @@ class PatientIndex:
                 )
             ).all()
         return [dict(r._mapping) for r in rows]
-
-
-def _review_item(row: Any) -> ReviewItem:
-    return ReviewItem(
-        row.id,
-        row.provider,
-        row.system,
-        row.value,
-        row.status,
-        row.person_id,
-        row.nhs_number,
-        row.reasons,
-        row.updated,
-    )
 
 
 __all__ += [
