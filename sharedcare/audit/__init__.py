@@ -9,11 +9,10 @@ Public API:
 - :func:`export_ndjson` and :func:`prune`: retention by time (``retention``), and the
   ``sharedcare audit export|prune`` commands over them (``cli``).
 
-``pgwrite`` is the writer's one-statement insert on PostgreSQL; ``metrics`` its Prometheus
-metrics.
-
-Events are ordinary AuditEvent resources of the regional store: versioned, carried by the
-change log, and searched through the FHIR API (``AuditEvent?patient=…&date=ge…``).
+``schema`` holds the trail's own tables (one lean row per event, not the store's resource
+and index tables); ``columns`` turns an AuditEvent into its row; ``insert`` writes a batch;
+``trail`` serves read, search and history through the FHIR API; ``metrics`` the writer's
+Prometheus metrics.
 """
 
 from sharedcare.audit.record import ACTIONS, OUTCOMES, AuditRecord, request_id_of, to_audit_event

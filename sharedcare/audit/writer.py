@@ -3,21 +3,20 @@
 ``await writer.record(record)`` returns after the transaction holding the record's AuditEvent
 has committed (REQUIREMENTS §3: audit records must never be lost; issue 5.7: no response
 carrying patient data is sent before its audit record is durable). To make that cheap,
-concurrent callers share transactions (group commit): one background flusher takes every
-record pending (up to ``max_batch``), writes them all in ONE transaction (with
-:meth:`Store.create_many_in`, or on PostgreSQL its one-statement equivalent in
-:mod:`sharedcare.audit.pgwrite`), then wakes every waiter. A new flush starts as soon as a flush slot is
-free, with no timer: when idle the first record is written at once (a batch of one), and
-under load a caller waits for the commit in progress plus its own. On PostgreSQL two
-flushes may be in flight (``concurrency``), so a record arriving during a commit starts
-its own at once instead of waiting for the running one's fsync: about one commit of added
-latency instead of two (PostgreSQL's WAL flush serves concurrent commits together). On
-SQLite there is one writer anyway, so one flush at a time.
+concurrent callers share transactions (group commit): a flush takes every record pending
+(up to ``max_batch``), writes them all in ONE transaction (one row each in ``audit_events``,
+:mod:`sharedcare.audit.insert`; on PostgreSQL one autocommit statement on the writer's own
+connection, so one round trip), then wakes every waiter. A flush starts as soon as a record
+arrives and a flush slot is free, and a finishing flush starts the next with whatever
+arrived meanwhile: no timer and no flusher task in between. When idle the first record is
+written at once (a batch of one); under load a caller waits for the commit in progress plus
+its own. One flush is in flight at a time by default (``concurrency``): on SQLite there is
+one writer anyway, and on PostgreSQL two concurrent commits wait on each other's WAL flush.
 
-The CPU work (building the AuditEvent, its search-index rows, its id) happens in the caller
-before it joins the queue, so the flusher holds the database (the single SQLite writer)
-only for the SQL. If a transaction fails, every waiter in it gets a 503 FHIRError: the
-caller must not release the data.
+The CPU work (building the AuditEvent, its row, its id) happens in the caller before it joins
+the queue, so the flusher holds the database (the single SQLite writer) only for the SQL. If
+a transaction fails, every waiter in it gets a 503 FHIRError: the caller must not release
+the data.
 
 A caller that gives up waiting (timeout, client gone) answers 503 and releases nothing. Its
 record is still written if its flush had begun (over-reporting is safe, under-reporting is
@@ -29,24 +28,24 @@ always written: REQUIREMENTS §3 wants every refused request on the trail.
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from time import perf_counter
 from typing import Any
 
+import asyncpg
 import structlog
-from sqlalchemy import text
+from sqlalchemy import make_url, text
 
+from sharedcare.audit.columns import EventRow, event_row, new_id
+from sharedcare.audit.insert import insert_rows, insert_rows_autocommit
 from sharedcare.audit.metrics import get_audit_metrics
-from sharedcare.audit.pgwrite import insert_events
 from sharedcare.audit.record import SUCCESS, AuditRecord, to_audit_event
-from sharedcare.audit.rows import audit_rows
-from sharedcare.audit.sqlitewrite import insert_events_sqlite
 from sharedcare.fhir.errors import FHIRError
 from sharedcare.registry.model import HUB
 from sharedcare.store.db import Database
-from sharedcare.store.repository import Prepared, Store
 
 __all__ = ["AuditWriter", "audit_unavailable"]
 
@@ -64,29 +63,54 @@ def audit_unavailable(reason: str) -> FHIRError:
     )
 
 
+class _Connections:
+    """The writer's own PostgreSQL connections, one per flush in flight.
+
+    Kept out of the hub's pool: a flush never queues behind request traffic for a
+    connection, and skips the pool's checkout and return work (about a third of a flush's
+    CPU through SQLAlchemy). A connection that failed is closed, and a new one is opened
+    by the next flush.
+    """
+
+    def __init__(self, url: str):
+        self.dsn = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+        self._idle: list[Any] = []
+
+    @asynccontextmanager
+    async def connection(self) -> AsyncIterator[Any]:
+        conn = self._idle.pop() if self._idle else await asyncpg.connect(self.dsn)
+        try:
+            yield conn
+        except BaseException:
+            conn.terminate()  # its state is unknown (failed or cancelled mid-statement)
+            raise
+        self._idle.append(conn)
+
+    async def close(self) -> None:
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            await conn.close()
+
+
 @dataclass(slots=True)
 class _Pending:
-    prepared: Prepared
-    rid: str
+    row: EventRow
     outcome: int
     future: asyncio.Future[str]
 
 
 class AuditWriter:
-    """Writes AuditEvents into the regional store in group-committed batches."""
+    """Writes AuditEvents into the audit trail in group-committed batches."""
 
     def __init__(
         self,
         db: Database,
-        store: Store,
         *,
         hub_base: str = HUB,
         max_batch: int = 500,
         max_pending: int = 2_000,
         timeout: float = 5.0,
         concurrency: int | None = None,
-        fast_path: bool | None = None,
-        validate: bool = False,
     ):
         """Options:
 
@@ -94,54 +118,45 @@ class AuditWriter:
           at once with 503, so an overloaded database sheds load instead of making every
           caller wait out the timeout (after which nobody gets data at all).
         - ``timeout``: the longest a caller waits for its commit before answering 503.
-        - ``concurrency``: transactions in flight at once (default 2 on PostgreSQL, 1 on SQLite).
-        - ``fast_path``: write each batch without SQLAlchemy's per-row work, the same rows as
-          ``Store.create_many_in``: one statement on PostgreSQL (:mod:`sharedcare.audit.pgwrite`),
-          one ``executemany`` of tuples per table on SQLite (:mod:`sharedcare.audit.sqlitewrite`).
-          Default on.
-        - ``validate``: run the store's full R4 validation on every event (slow; for tests:
-          the events are built by :func:`to_audit_event`, whose output the tests validate).
+        - ``concurrency``: transactions in flight at once (default 1).
         """
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         if concurrency is None:
-            concurrency = 1 if db.dialect == "sqlite" else 2
+            # One flush at a time: on SQLite there is one writer anyway; on PostgreSQL two
+            # commits in flight wait on each other's WAL flush, which measured no better at
+            # p50 and worse at p99 than one (bench/audit.py, grouped against serial).
+            concurrency = 1
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
-        if fast_path is None:
-            fast_path = True
         self.db = db
-        self.store = store
         self.hub_base = hub_base
         self.max_batch = max_batch
         self.max_pending = max_pending
         self.timeout = timeout
-        self.validate = validate
         self.concurrency = concurrency
-        self.fast_path = fast_path
         self.flushes = 0  # committed transactions
         self.written = 0  # records committed
         self.largest_batch = 0
         self._pending: list[_Pending] = []
-        self._wakeup = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._started = False
         self._closing = False
         self._force_sync = False
         self._in_flight: set[asyncio.Task[None]] = set()
-        self._slot_free = asyncio.Event()
+        self._connections = _Connections(db.url) if db.dialect == "postgresql" else None
 
     @property
     def running(self) -> bool:
-        """Taking records: started, not stopping, and the flusher alive (readiness checks)."""
-        return self._task is not None and not self._closing and not self._task.done()
+        """Taking records: started and not stopping (readiness checks)."""
+        return self._started and not self._closing
 
     async def start(self) -> None:
-        """Start the flusher (idempotent)."""
-        if self._task is None:
+        """Start taking records (idempotent)."""
+        if not self._started:
             if self.db.dialect == "postgresql":
                 await self._check_synchronous_commit()
             self._closing = False
-            self._task = asyncio.create_task(self._run(), name="sharedcare-audit-writer")
+            self._started = True
 
     async def _check_synchronous_commit(self) -> None:
         # A commit is durable only if PostgreSQL waits for its WAL flush. Should the server
@@ -157,27 +172,25 @@ class AuditWriter:
             log.warning("audit transactions will set synchronous_commit on", server_setting=value)
 
     async def stop(self) -> None:
-        """Refuse new records, write every pending one, then stop the flusher."""
-        task = self._task
-        if task is None:
+        """Refuse new records, write every pending one, then close the writer's connections."""
+        if not self._started:
             return
         self._closing = True
-        self._wakeup.set()
         try:
-            await task
+            while self._pending or self._in_flight:
+                self._kick()
+                if self._in_flight:
+                    await asyncio.gather(*self._in_flight, return_exceptions=True)
         finally:
-            self._task = None
+            self._started = False
+            if self._connections is not None:
+                await self._connections.close()
 
-    def prepare(self, record: AuditRecord) -> Prepared:
-        """The AuditEvent for ``record`` with its index rows (CPU only; no I/O)."""
-        body = to_audit_event(record, hub_base=self.hub_base)
-        if self.validate:
-            return self.store.prepare("AuditEvent", body)
+    def prepare(self, record: AuditRecord) -> EventRow:
+        """The AuditEvent for ``record`` as its row, with a new id (CPU only; no I/O)."""
         # Server-built events skip the pydantic pass on the hot path (ARCHITECTURE: model
         # classes validate at the edges); tests validate to_audit_event's output instead.
-        # Their index rows are read straight from their known shape (audit.rows).
-        rows = audit_rows(body)
-        return Prepared("AuditEvent", body, rows if rows is not None else self.store.indexer.extract(body))
+        return event_row(to_audit_event(record, hub_base=self.hub_base), new_id())
 
     async def record(self, record: AuditRecord) -> str:
         """Write ``record``'s AuditEvent; return its id once committed, or raise a 503."""
@@ -188,8 +201,8 @@ class AuditWriter:
             get_audit_metrics().write_failures_total.inc()
             raise audit_unavailable("too many records are waiting for the database")
         future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Pending(self.prepare(record), str(uuid.uuid4()), record.outcome, future))
-        self._wakeup.set()
+        self._pending.append(_Pending(self.prepare(record), record.outcome, future))
+        self._kick()
         try:
             async with asyncio.timeout(self.timeout):
                 rid = await future  # cancelled on timeout; see the module docstring
@@ -198,31 +211,15 @@ class AuditWriter:
         get_audit_metrics().record_duration_seconds.observe(perf_counter() - started)
         return rid
 
-    async def _run(self) -> None:
-        try:
-            while True:
-                if not self._pending:
-                    if self._closing:
-                        return
-                    self._wakeup.clear()
-                    await self._wakeup.wait()
-                    continue
-                if len(self._in_flight) >= self.concurrency:
-                    self._slot_free.clear()
-                    await self._slot_free.wait()
-                    continue
-                batch = self._take()
-                if not batch:
-                    continue
-                if self.concurrency == 1:
-                    await self._flush(batch)  # no task per flush where none can overlap
-                    continue
-                task = asyncio.create_task(self._flush(batch))
-                self._in_flight.add(task)
-                task.add_done_callback(self._flushed)
-        finally:
-            if self._in_flight:  # stop() drains: in-flight flushes finish (or fail) first
-                await asyncio.gather(*self._in_flight, return_exceptions=True)
+    def _kick(self) -> None:
+        """Start flushes while records wait and a flush slot is free (no timer, no flusher task)."""
+        while self._pending and len(self._in_flight) < self.concurrency:
+            batch = self._take()
+            if not batch:
+                continue
+            task = asyncio.create_task(self._flush(batch), name="sharedcare-audit-flush")
+            self._in_flight.add(task)
+            task.add_done_callback(self._flushed)
 
     def _take(self) -> list[_Pending]:
         """The next batch, without release records whose caller has given up (see above)."""
@@ -241,26 +238,26 @@ class AuditWriter:
 
     def _flushed(self, task: asyncio.Task[None]) -> None:
         self._in_flight.discard(task)
-        self._slot_free.set()
+        self._kick()  # what arrived during this flush goes now, as one batch
 
     async def _flush(self, batch: list[_Pending]) -> None:
         metrics = get_audit_metrics()
         metrics.pending.set(len(self._pending))
-        items: list[tuple[Prepared, str]] = [(p.prepared, p.rid) for p in batch]
+        rows = [p.row for p in batch]
         started = perf_counter()
 
         async def write(conn: Any) -> None:
             if self._force_sync:
                 await conn.execute(text("SET LOCAL synchronous_commit TO on"))
-            if self.fast_path and self.db.dialect == "postgresql":
-                await insert_events(conn, items)
-            elif self.fast_path:
-                await insert_events_sqlite(conn, items)
-            else:
-                await self.store.create_many_in(conn, [(p, rid) for p, rid in items])
+            await insert_rows(conn, rows)
 
         try:
-            await self.db.write(write)
+            if self._connections is not None and not self._force_sync:
+                # One autocommit statement: atomic and durable on return, one round trip.
+                async with self._connections.connection() as driver:
+                    await insert_rows_autocommit(driver, rows)
+            else:
+                await self.db.write(write)
         except asyncio.CancelledError:
             self._fail(batch, "the hub is shutting down")
             raise
@@ -275,7 +272,7 @@ class AuditWriter:
         self.largest_batch = max(self.largest_batch, len(batch))
         for p in batch:
             if not p.future.done():
-                p.future.set_result(p.rid)
+                p.future.set_result(p.row.id)
         metrics.flush_batch_size.observe(len(batch))
         metrics.flush_duration_seconds.observe(elapsed)
         for outcome, n in Counter(p.outcome for p in batch).items():

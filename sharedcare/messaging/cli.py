@@ -134,7 +134,7 @@ def worker() -> None:
             rotation_seconds=int(settings.hub_key_rotation_hours * 3600),
             token_lifetime=settings.token_lifetime_seconds,
         )
-        audit = AuditWriter(db, store, hub_base=settings.fhir_base)
+        audit = AuditWriter(db, hub_base=settings.fhir_base)
         await audit.start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -30,7 +30,6 @@ import os
 import secrets
 import socket
 import time
-import uuid
 from collections import defaultdict
 from datetime import timedelta
 from typing import Any
@@ -43,7 +42,7 @@ from sqlalchemy import bindparam, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from sharedcare.audit import AuditRecord, AuditWriter
-from sharedcare.audit.pgwrite import insert_events
+from sharedcare.audit.insert import insert_rows
 from sharedcare.iam.hubkeys import HubKeys
 from sharedcare.messaging.metrics import messaging_metrics
 from sharedcare.messaging.model import HUB_SENDER, parse_message
@@ -397,7 +396,7 @@ class Dispatcher:
         audit = self.audit
         events = (
             [
-                (audit.prepare(record), str(uuid.uuid4()))
+                audit.prepare(record)
                 for _i, _r, record in batch
                 if record is not None
             ]
@@ -424,12 +423,9 @@ class Dispatcher:
                 ),
                 params,
             )
-            if events and audit is not None:
-                # The same rows the audit writer writes (pgwrite's one statement on PostgreSQL).
-                if conn.dialect.name == "postgresql":
-                    await insert_events(conn, events)
-                else:
-                    await audit.store.create_many_in(conn, [(p, rid) for p, rid in events])
+            if events:
+                # The delivery and its audit rows commit together (the writer's own insert).
+                await insert_rows(conn, events)
             # Last: it takes the partitions' locks, held until the commit.
             await queue.complete_in(conn, [item.id for item, _r, _a in batch] + skipped)
 

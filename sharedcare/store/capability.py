@@ -22,7 +22,7 @@ from starlette.routing import BaseRoute, Route
 from sharedcare import __version__
 from sharedcare.store import routes as r
 from sharedcare.store.search_parse import MODIFIERS
-from sharedcare.store.searchparams import SearchParam
+from sharedcare.store.searchparams import OWN_TABLE_PARAMS, SearchParam
 
 TYPE_INTERACTIONS = {
     r.read: "read",
@@ -121,8 +121,9 @@ def capability_statement(
             }
             for p in sorted(params[rtype].values(), key=lambda p: p.code)
         ]
+        joined = rtype not in OWN_TABLE_PARAMS
         references = sorted(
-            f"{rtype}:{p.code}" for p in params[rtype].values() if p.type == "reference"
+            f"{rtype}:{p.code}" for p in params[rtype].values() if p.type == "reference" and joined
         )
         resources.append(
             {
@@ -139,6 +140,7 @@ def capability_statement(
                 "searchRevInclude": [
                     f"{src}:{p.code}"
                     for src in sorted(params)
+                    if joined and src not in OWN_TABLE_PARAMS
                     for p in sorted(params[src].values(), key=lambda p: p.code)
                     if p.type == "reference" and (not p.targets or rtype in p.targets)
                 ],

@@ -11,6 +11,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection
 
+import sharedcare.audit.schema
 import sharedcare.messaging.schema
 import sharedcare.pix.schema
 

@@ -29,7 +29,7 @@ from sharedcare.store.schema import (
     resource_versions,
     resources,
 )
-from sharedcare.store.searchparams import HUB_TYPES, load_search_params
+from sharedcare.store.searchparams import HUB_TYPES, OWN_TABLE_PARAMS, load_search_params
 from sharedcare.store.validation import ID_RE, validate_resource
 
 
@@ -139,7 +139,11 @@ class Store:
     def __init__(self, db: Database, types: tuple[str, ...] = HUB_TYPES):
         self.db = db
         self.types = types
-        self.params = load_search_params(types)
+        params = load_search_params(types)
+        for rtype, served in OWN_TABLE_PARAMS.items():
+            if rtype in params:
+                params[rtype] = {k: v for k, v in params[rtype].items() if k in served}
+        self.params = params
         self.indexer = Indexer(self.params)
 
     # -- checks shared by every interaction ---------------------------------------------

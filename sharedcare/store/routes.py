@@ -17,7 +17,9 @@ before the response is sent.
 - AuditEvent: read and search only, for auditors (a token with an explicit
   ``system/AuditEvent.*`` scope; ``system/*.*`` alone is not enough) and operators
   (``sharedcare/admin``). Update and delete are 405 for everyone; create is 405 except for
-  operators importing a previous system's trail.
+  operators importing a previous system's trail. They are served from the trail's own table
+  (:class:`~sharedcare.audit.trail.AuditTrail` on ``app.state.trail``), not the store's, and
+  are not handled inside Bundles.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from sharedcare.audit.record import MINOR_FAILURE
+from sharedcare.audit.trail import AuditTrail
 from sharedcare.consent.gate import DIRECTORY_TYPES, ReleaseGate, patients_of, withheld_read
 from sharedcare.consent.notice import withheld_issue, withheld_outcome
 from sharedcare.consent.validation import check_consent_record
@@ -93,6 +96,14 @@ def _service(request: Request) -> FhirService:
 
 def _gate(request: Request) -> ReleaseGate:
     return request.app.state.release
+
+
+def _trail(request: Request) -> AuditTrail:
+    """AuditEvents live on the audit trail's own table, not in the store (sharedcare.audit.trail)."""
+    return request.app.state.trail
+
+
+_EVENT_HEADERS = {"ETag": 'W/"1"'}  # an event is written once: always version 1
 
 
 def is_patient_data(rtype: str) -> bool:
@@ -242,6 +253,18 @@ async def _release_bundle(request: Request, result: Result, rtype: str, action: 
     return respond(Result(result.status, orjson.dumps(bundle), result.headers))
 
 
+async def _import_event(request: Request, body: Any) -> Result:
+    """An operator's POST of an earlier system's AuditEvent: validated, then onto the trail."""
+    if request.headers.get("if-none-exist"):
+        raise FHIRError.of(
+            400, "not-supported", "Conditional create (If-None-Exist) is not supported for AuditEvent."
+        )
+    event = _service(request).store.prepare(AUDIT_TYPE, body).resource  # R4 checks: 400/422
+    stored, event_id = await _trail(request).create(event)
+    headers = {**_EVENT_HEADERS, "Location": f"{_service(request).base}/{AUDIT_TYPE}/{event_id}/_history/1"}
+    return Result(201, stored, headers)
+
+
 # -- routes --------------------------------------------------------------------------------------
 async def search(request: Request) -> Response:
     rtype = request.path_params["type"]
@@ -256,7 +279,10 @@ async def search(request: Request) -> Response:
             )
         raw = await read_body(request, request.app.state.settings.max_body_bytes)
         items += parse_qsl(raw.decode("utf-8", "replace"), keep_blank_values=True)
-    result = await _service(request).search(rtype, items, lenient=lenient(request))
+    if rtype == AUDIT_TYPE:
+        result = Result(200, await _trail(request).search(items, lenient=lenient(request)))
+    else:
+        result = await _service(request).search(rtype, items, lenient=lenient(request))
     return await _release_bundle(request, result, rtype, "search-type")
 
 
@@ -286,6 +312,8 @@ async def create(request: Request) -> Response:
     rtype = request.path_params["type"]
     _service(request).store.check_type(rtype)
     body = await _checked_write(request, rtype, "POST")
+    if rtype == AUDIT_TYPE:
+        return respond(await _import_event(request, body))
     result = await _service(request).create(
         rtype,
         body,
@@ -304,7 +332,9 @@ async def read(request: Request) -> Response:
     p = request.path_params
     if p["type"] == AUDIT_TYPE:
         await _require_auditor(request, "r", "read")
-    result = await _service(request).read(p["type"], p["id"])
+        result = Result(200, await _trail(request).read(p["id"]), dict(_EVENT_HEADERS))
+    else:
+        result = await _service(request).read(p["type"], p["id"])
     return await _release_read(request, result, p["type"], "read", f"{p['type']}/{p['id']}")
 
 
@@ -312,7 +342,9 @@ async def vread(request: Request) -> Response:
     p = request.path_params
     if p["type"] == AUDIT_TYPE:
         await _require_auditor(request, "r", "vread")
-    result = await _service(request).vread(p["type"], p["id"], p["vid"])
+        result = Result(200, await _trail(request).vread(p["id"], p["vid"]), dict(_EVENT_HEADERS))
+    else:
+        result = await _service(request).vread(p["type"], p["id"], p["vid"])
     return await _release_read(
         request, result, p["type"], "vread", f"{p['type']}/{p['id']}/_history/{p['vid']}"
     )
@@ -343,19 +375,23 @@ async def delete(request: Request) -> Response:
 
 async def type_history(request: Request) -> Response:
     rtype = request.path_params["type"]
+    items = list(request.query_params.multi_items())
     if rtype == AUDIT_TYPE:
         await _require_auditor(request, "s", "history-type")
-    items = list(request.query_params.multi_items())
-    result = await _service(request).history(rtype, None, items)
+        result = Result(200, await _trail(request).history(None, items))
+    else:
+        result = await _service(request).history(rtype, None, items)
     return await _release_bundle(request, result, rtype, "history-type")
 
 
 async def instance_history(request: Request) -> Response:
     p = request.path_params
+    items = list(request.query_params.multi_items())
     if p["type"] == AUDIT_TYPE:
         await _require_auditor(request, "r", "history-instance")
-    items = list(request.query_params.multi_items())
-    result = await _service(request).history(p["type"], p["id"], items)
+        result = Result(200, await _trail(request).history(p["id"], items))
+    else:
+        result = await _service(request).history(p["type"], p["id"], items)
     return await _release_bundle(request, result, p["type"], "history-instance")
 
 
@@ -378,10 +414,18 @@ async def _check_bundle(request: Request, entries: list[Any], base: str) -> None
     for i, raw in enumerate(entries):
         method, rtype, rid = _entry_request(raw, base)
         if rtype == AUDIT_TYPE:
-            if method == "GET":
-                await _require_auditor(request, "s", "batch")
-            elif method != "POST" or not access(request).grants.admin:
+            if method not in ("GET", "POST") or (method == "POST" and not access(request).grants.admin):
                 raise at_entry(i, _audit_write_refused(method or "this method"))
+            raise at_entry(
+                i,
+                FHIRError.of(
+                    400,
+                    "not-supported",
+                    "AuditEvents are not handled inside a Bundle: search the trail with "
+                    "GET /fhir/AuditEvent, and import an earlier system's events one by one "
+                    "with POST /fhir/AuditEvent.",
+                ),
+            )
         if rtype == "Consent" and method in ("POST", "PUT") and isinstance(raw, dict):
             try:
                 _service(request).store.prepare(

@@ -203,7 +203,7 @@ def _date_cond(lo: Any, hi: Any, prefix: str, low: Any, high: Any) -> ColumnElem
     }[prefix]
 
 
-def _instant_cond(ts: Any, prefix: str, low: Any, high: Any) -> ColumnElement[bool]:
+def instant_cond(ts: Any, prefix: str, low: Any, high: Any) -> ColumnElement[bool]:
     """A stored instant (``_lastUpdated``) against the search range ``[low, high)``.
 
     The store keeps microseconds, so the instant is the range ``[ts, ts + 1µs)``; with
@@ -262,7 +262,7 @@ def _clause_sql(rtype: str, clause: ClauseShape, binds: _Binds) -> ColumnElement
             matched = r.id.in_(binds.take(shapes))
             return not_(matched) if modifier == "not" else matched
         return or_(
-            *(_instant_cond(r.last_updated, p, *binds.take(2, DateTime())) for p, _n in shapes)
+            *(instant_cond(r.last_updated, p, *binds.take(2, DateTime())) for p, _n in shapes)
         )
     table = INDEX_TABLES[kind]
     scoped = and_(table.c.type == rtype, table.c.param == name)

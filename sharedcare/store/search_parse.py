@@ -18,7 +18,7 @@ import orjson
 
 from sharedcare.fhir.errors import FHIRError, Issue
 from sharedcare.store.indexing import date_range, normalize_string
-from sharedcare.store.searchparams import SearchParam
+from sharedcare.store.searchparams import OWN_TABLE_PARAMS, SearchParam
 
 PREFIXES = ("eq", "ne", "lt", "gt", "le", "ge")
 MODIFIERS = {
@@ -297,6 +297,13 @@ def _parse_result_param(
     if name in ("_include", "_revinclude"):
         source, _, rest = raw.partition(":")
         pname, _, target = rest.partition(":")
+        if source in OWN_TABLE_PARAMS or target in OWN_TABLE_PARAMS:
+            raise FHIRError.of(
+                400,
+                "not-supported",
+                f"{name}={raw!r}: {source if source in OWN_TABLE_PARAMS else target} is searched "
+                "on its own and joins into no other search.",
+            )
         source_params = all_params.get(source, {})
         param = source_params.get(pname)
         if param is None or param.type != "reference":

@@ -21,7 +21,7 @@ from typing import Any
 import orjson
 from fhirpathpy.models import models as _fhirpath_models
 
-__all__ = ["HUB_TYPES", "SearchParam", "load_search_params", "split_union"]
+__all__ = ["HUB_TYPES", "OWN_TABLE_PARAMS", "SearchParam", "load_search_params", "split_union"]
 
 HUB_TYPES: tuple[str, ...] = (
     "Patient",
@@ -37,6 +37,17 @@ HUB_TYPES: tuple[str, ...] = (
     "DocumentReference",
     "Binary",
 )
+
+# Types that a capability keeps in lean tables of its own instead of the store's resource and
+# index tables, with the only parameters it searches (beside _id and _lastUpdated). Nothing
+# joins them into other searches (_include/_revinclude). AuditEvent is the audit trail's
+# (sharedcare.audit.trail): one row per event, at up to thousands of events a second.
+OWN_TABLE_PARAMS: dict[str, frozenset[str]] = {
+    "AuditEvent": frozenset(
+        {"patient", "altid", "date", "subtype", "action", "outcome", "agent-name", "agent-role",
+         "agent", "entity"}
+    ),
+}
 
 # The store keeps these as real columns (search.html#id, search.html#lastUpdated).
 _COLUMN_PARAMS = frozenset({"_id", "_lastUpdated"})

@@ -1,4 +1,4 @@
-"""Fixtures for the audit tests: a migrated database of each backend, its store, a writer."""
+"""Fixtures for the audit tests: a migrated database of each backend, a writer, the trail."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import pytest
 import pytest_asyncio
 
 from sharedcare.audit import AuditRecord, AuditWriter
+from sharedcare.audit.trail import AUDIT_TYPE, AuditTrail
 from sharedcare.store import migrate
 from sharedcare.store.db import Database
 from sharedcare.store.repository import Store
-from sharedcare.store.service import FhirService
 
 FHIR_BASE = "http://testserver/fhir"
 
@@ -32,13 +32,13 @@ async def store(db: Database) -> Store:
 
 
 @pytest_asyncio.fixture
-async def fhir(store: Store) -> FhirService:
-    return FhirService(store, fhir_base=FHIR_BASE, default_count=100, max_count=1000)
+async def trail(db: Database, store: Store) -> AuditTrail:
+    return AuditTrail(db, store.params[AUDIT_TYPE], fhir_base=FHIR_BASE, default_count=100, max_count=1000)
 
 
 @pytest_asyncio.fixture
-async def writer(db: Database, store: Store) -> AsyncIterator[AuditWriter]:
-    w = AuditWriter(db, store, hub_base=FHIR_BASE)
+async def writer(db: Database) -> AsyncIterator[AuditWriter]:
+    w = AuditWriter(db, hub_base=FHIR_BASE)
     await w.start()
     yield w
     await w.stop()

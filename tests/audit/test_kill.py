@@ -20,9 +20,9 @@ from helpers import FHIR_JSON, RunningHub, patient
 from sqlalchemy import select
 
 from sharedcare.audit import request_id_of
+from sharedcare.audit.schema import audit_events
 from sharedcare.settings import Settings
 from sharedcare.store.db import Database
-from sharedcare.store.schema import resources
 
 CLIENTS = 16
 ANSWERED_BEFORE_KILL = 200
@@ -132,9 +132,7 @@ async def test_every_answered_request_is_audited_after_sigkill(
     db = Database(settings.database)  # reopen after the crash (SQLite recovers its WAL here)
     try:
         async with db.read() as conn:
-            bodies = (
-                await conn.execute(select(resources.c.body).where(resources.c.type == "AuditEvent"))
-            ).scalars()
+            bodies = (await conn.execute(select(audit_events.c.body))).scalars()
             events = [orjson.loads(body) for body in bodies]
     finally:
         await db.close()

@@ -58,8 +58,8 @@ async def test_a_pull_recipient_lists_downloads_and_acknowledges_its_mailbox(
     assert (await other.get(first_url)).status_code == 404
     assert (await other.get("/fhir/$mailbox")).json()["total"] == 0
     # The release was audited (patient data left the platform).
-    audit = await app.state.fhir.search("AuditEvent", [("subtype", "operation")])
-    assert b"ward-b" in audit.body
+    audit = await app.state.trail.search([("subtype", "operation")])
+    assert b"ward-b" in audit
     # The recipient's response reaches the sender's mailbox.
     assert (
         await ward.post(PM, content=orjson.dumps(ack_for(sent[0], "ward-b")))

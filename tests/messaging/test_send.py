@@ -39,8 +39,8 @@ async def test_a_message_is_pushed_to_its_recipient_and_the_ack_back_to_its_send
 
     # The push released patient data: its AuditEvent names the recipient and the sender.
     async def audited() -> bool:
-        found = await app.state.fhir.search("AuditEvent", [("subtype", "operation")])
-        return b"ward-b" in found.body and b"gp-a" in found.body
+        found = await app.state.trail.search([("subtype", "operation")])
+        return b"ward-b" in found and b"gp-a" in found
 
     await eventually(audited)
     # The recipient answers with a response message; it reaches the sender the same way.

@@ -81,12 +81,12 @@ def withheld_notices(bundle: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 async def trail(app: Any, **params: str) -> list[dict[str, Any]]:
-    """AuditEvents straight from the store (what an auditor would find)."""
+    """AuditEvents straight from the trail (what an auditor would find)."""
     import orjson
 
     items = [(k.replace("_", "-") if k != "_count" else k, v) for k, v in params.items()]
-    result = await app.state.fhir.search("AuditEvent", [*items, ("_count", "1000")])
-    return [e["resource"] for e in orjson.loads(result.body).get("entry", [])]
+    result = await app.state.trail.search([*items, ("_count", "1000")])
+    return [e["resource"] for e in orjson.loads(result).get("entry", [])]
 
 
 def detail(event: dict[str, Any], kind: str) -> str | None:

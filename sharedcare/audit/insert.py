@@ -1,0 +1,81 @@
+"""Insert a batch of audit rows: one statement for the whole batch.
+
+PostgreSQL gets ONE statement for the whole batch, both tables in data-modifying CTEs fed by
+column arrays (``unnest``), sent straight to asyncpg, which prepares it once per connection.
+:func:`insert_rows_autocommit` sends it on a bare driver connection with no transaction
+around it: the statement is its own transaction, atomic and durable when it returns, so a
+flush is ONE round trip (no BEGIN, no COMMIT). :func:`insert_rows` runs the same statement
+inside a caller's transaction (a delivery that commits with its audit rows; an import).
+
+SQLite gets one ``executemany`` of plain tuples per table (one hop to aiosqlite's thread),
+with values through the columns' bind processors so that they are stored exactly as
+SQLAlchemy would store them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from sharedcare.audit.columns import EventRow
+from sharedcare.audit.schema import audit_events
+
+__all__ = ["insert_rows", "insert_rows_autocommit"]
+
+_COLUMNS = (
+    "id", "recorded", "patient", "user_id", "organization", "client_id", "subtype", "action",
+    "outcome", "request_id", "agent_name", "agent_role", "agent", "entity", "body",
+)
+_N = len(_COLUMNS)
+_PG_TYPES = (
+    "text", "timestamp", "text", "text", "text", "text", "text", "text", "text", "text",
+    "text", "text", "text", "text", "bytea",
+)
+_PG_SQL = (
+    f"WITH e AS (INSERT INTO audit_events ({', '.join(_COLUMNS)}) "
+    f"SELECT * FROM unnest({', '.join(f'${i + 1}::{t}[]' for i, t in enumerate(_PG_TYPES))})), "
+    "p AS (INSERT INTO audit_event_patients (patient, event_id) "
+    f"SELECT * FROM unnest(${_N + 1}::text[], ${_N + 2}::text[]) ON CONFLICT DO NOTHING) "
+    "SELECT 1"
+)
+_SQLITE_EVENTS = f"INSERT INTO audit_events ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
+_SQLITE_PEOPLE = "INSERT OR IGNORE INTO audit_event_patients (patient, event_id) VALUES (?, ?)"
+
+
+def _people(rows: Sequence[EventRow]) -> list[tuple[str, str]]:
+    return [(p, row.id) for row in rows for p in row.other_patients]
+
+
+def _pg_arguments(rows: Sequence[EventRow]) -> list[list[Any]]:
+    columns = [list(c) for c in zip(*(row[:_N] for row in rows), strict=True)]
+    people = _people(rows)
+    return [*columns, [p for p, _ in people], [e for _, e in people]]
+
+
+async def insert_rows_autocommit(driver: Any, rows: Sequence[EventRow]) -> int:
+    """PostgreSQL: insert ``rows`` as one statement on an asyncpg connection in autocommit."""
+    if rows:
+        await driver.execute(_PG_SQL, *_pg_arguments(rows))
+    return len(rows)
+
+
+async def insert_rows(conn: AsyncConnection, rows: Sequence[EventRow]) -> int:
+    """Insert ``rows`` (ids already assigned) in ``conn``'s transaction; return how many."""
+    if not rows:
+        return 0
+    if conn.dialect.name == "postgresql":
+        await conn.exec_driver_sql(_PG_SQL, tuple(_pg_arguments(rows)))
+        return len(rows)
+    people = _people(rows)
+    # The dialect's own DateTime (the generic type has no processor): stored as the store stores it.
+    recorded = audit_events.c.recorded.type.dialect_impl(conn.dialect).bind_processor(conn.dialect)
+    values: list[tuple[Any, ...]] = [
+        (r.id, recorded(r.recorded) if recorded else r.recorded, *r[2:_N]) for r in rows
+    ]
+    await conn.exec_driver_sql(_SQLITE_EVENTS, values)
+    if people:
+        await conn.exec_driver_sql(_SQLITE_PEOPLE, people)
+    return len(rows)
+
