@@ -58,7 +58,7 @@ def export(
     until: Annotated[str, typer.Option(help="Export events before this date/time (exclusive).")],
     since: Annotated[str | None, typer.Option(help="From this date/time (inclusive); default: the oldest.")] = None,
 ) -> None:
-    """Write AuditEvents last updated in [SINCE, UNTIL) to an NDJSON file, oldest first."""
+    """Write AuditEvents recorded in [SINCE, UNTIL) to an NDJSON file, oldest first."""
     from sharedcare.audit.retention import count_events, export_ndjson
 
     start = parse_instant(since) if since else None
@@ -90,7 +90,7 @@ def export(
 
 @audit_app.command("prune")
 def prune_command(
-    before: Annotated[str, typer.Option(help="Delete AuditEvents last updated before this date/time.")],
+    before: Annotated[str, typer.Option(help="Delete AuditEvents recorded before this date/time.")],
     yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Only count what would be deleted.")] = False,
 ) -> None:
@@ -111,10 +111,10 @@ def prune_command(
 
     total = asyncio.run(count())
     if dry_run or total == 0:
-        console.print(f"{total:,} AuditEvents last updated before {cutoff.isoformat()}" + (" would be pruned." if total else "."))
+        console.print(f"{total:,} AuditEvents recorded before {cutoff.isoformat()}" + (" would be pruned." if total else "."))
         return
     if not yes:
-        typer.confirm(f"Delete {total:,} AuditEvents last updated before {cutoff.isoformat()}? Export them first", abort=True)
+        typer.confirm(f"Delete {total:,} AuditEvents recorded before {cutoff.isoformat()}? Export them first", abort=True)
 
     async def run() -> int:
         db = _database()
@@ -125,4 +125,4 @@ def prune_command(
         finally:
             await db.close()
 
-    console.print(f"Pruned {asyncio.run(run()):,} AuditEvents last updated before {cutoff.isoformat()}.")
+    console.print(f"Pruned {asyncio.run(run()):,} AuditEvents recorded before {cutoff.isoformat()}.")
