@@ -106,6 +106,7 @@ class Dispatcher:
         self._done: list[tuple[queue.Item, Any, AuditRecord | None]] = []
         self._skipped: list[int] = []  # items whose message needs no delivery any more
         self._flushed = asyncio.Event()
+        self._has_work = asyncio.Event()  # something to commit (the flush loop sleeps without)
         self._session: aiohttp.ClientSession | None = None
 
     def wake(self) -> None:
@@ -162,6 +163,7 @@ class Dispatcher:
             if self._tasks:
                 await asyncio.wait(list(self._tasks), timeout=self.timeout + 1)
             self._stopping = True
+            self._has_work.set()
             await flusher
             await self._session.close()
 
@@ -204,6 +206,7 @@ class Dispatcher:
         if row is None or row.state != QUEUED or row.mode != "push":
             # Acknowledged, delivered by an earlier item, redriven elsewhere or moved: never again.
             self._skipped.append(item.id)
+            self._has_work.set()
             return
         mid = row.id
         now = now_utc()
@@ -260,6 +263,7 @@ class Dispatcher:
         self._circuit.pop(recipient, None)
         audit = self._audit_record(row, system.messaging_endpoint) if row.patient_data else None
         self._done.append((item, row, audit))
+        self._has_work.set()
         if len(self._done) >= 50:
             self._flushed.set()
 
@@ -372,6 +376,15 @@ class Dispatcher:
 
     async def _flush_loop(self) -> None:
         while True:
+            if not (self._done or self._skipped):
+                if self._stopping and not self._tasks:
+                    return
+                # Idle: sleep until a delivery finishes (no 10 ms polling on an idle hub).
+                self._has_work.clear()
+                try:
+                    await asyncio.wait_for(self._has_work.wait(), 0.5)
+                except TimeoutError:
+                    continue
             try:
                 await asyncio.wait_for(self._flushed.wait(), 0.01)
             except TimeoutError:
