@@ -43,6 +43,7 @@ from common import (
     LoadGenerator,
     Phase,
     PostgresDatabase,
+    PySpy,
     Req,
     bootstrap_token,
     latency_summary,
@@ -50,6 +51,7 @@ from common import (
     machine_info,
     pids_with_cmdline,
     print_table,
+    summarise_profile,
     timestamp,
     write_json,
 )
@@ -346,6 +348,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--duration", type=float, default=20.0)
     parser.add_argument("--keep", action="store_true", help="keep the database")
+    parser.add_argument("--profile", action="store_true", help="py-spy the hub during the $ihe-pix throughput phase")
     args = parser.parse_args()
     people = 1_000_000 if args.full else args.people
     out: dict[str, Any] = {
@@ -405,6 +408,10 @@ def main() -> None:
                     "client": lambda: [gen.pid or 0],
                 }
                 meter = CpuMeter(hub_groups)
+                spy = None
+                if args.profile:
+                    raw = RESULTS_DIR / f"profile-pix-ihe-pix-{time.strftime('%Y%m%d-%H%M%S')}.txt"
+                    spy = PySpy(hub.proc.pid, raw).start()  # type: ignore[union-attr]
                 meter.start()
                 out["ihe_pix_throughput"] = gen.run(
                     Phase(
@@ -418,6 +425,8 @@ def main() -> None:
                     )
                 )
                 cpu = meter.stop()
+                if spy is not None:
+                    out["ihe_pix_throughput"]["profile"] = summarise_profile(spy.stop())
                 sent = out["ihe_pix_throughput"]["requests_total"]
                 out["ihe_pix_throughput"]["cpu"] = cpu
                 for group in ("hub", "postgres", "client"):

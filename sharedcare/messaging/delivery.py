@@ -79,7 +79,7 @@ class Dispatcher:
         timeout: float = 10.0,
         backoff: queue.Backoff | None = None,
         lease: float | None = None,
-        idle_poll: float = 0.1,
+        idle_poll: float = 0.5,  # how late another process's work (a redrive) is found
     ):
         self.messaging = messaging
         self.db = messaging.db
@@ -355,6 +355,8 @@ class Dispatcher:
             )
 
         await self.db.write(work)
+        # Claim it again when it comes due rather than at the next idle poll.
+        asyncio.get_running_loop().call_later(delay + 0.001, self.wake)
 
     async def _dead(self, item: queue.Item, row: Any, reason: str) -> None:
         sender = (
