@@ -78,7 +78,9 @@ class _Connections:
 
     @asynccontextmanager
     async def connection(self) -> AsyncIterator[Any]:
-        conn = self._idle.pop() if self._idle else await asyncpg.connect(self.dsn)
+        # Bounded: a database that does not answer fails this batch (503) rather than
+        # holding the flush slot for asyncpg's default minute.
+        conn = self._idle.pop() if self._idle else await asyncpg.connect(self.dsn, timeout=5)
         try:
             yield conn
         except BaseException:
