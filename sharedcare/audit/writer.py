@@ -14,7 +14,7 @@ its own. One flush is in flight at a time by default (``concurrency``): on SQLit
 one writer anyway, and on PostgreSQL two concurrent commits wait on each other's WAL flush.
 
 The CPU work (building the AuditEvent, its row, its id) happens in the caller before it joins
-the queue, so the flusher holds the database (the single SQLite writer) only for the SQL. If
+the queue, so a flush holds the database (the single SQLite writer) only for the SQL. If
 a transaction fails, every waiter in it gets a 503 FHIRError: the caller must not release
 the data.
 
@@ -127,7 +127,7 @@ class AuditWriter:
         if concurrency is None:
             # One flush at a time: on SQLite there is one writer anyway; on PostgreSQL two
             # commits in flight wait on each other's WAL flush, which measured no better at
-            # p50 and worse at p99 than one (bench/audit.py, grouped against serial).
+            # p50 and worse at p99 than one (bench/audit.py, grouped against paired).
             concurrency = 1
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
