@@ -7,22 +7,29 @@ around it: the statement is its own transaction, atomic and durable when it retu
 flush is ONE round trip (no BEGIN, no COMMIT). :func:`insert_rows` runs the same statement
 inside a caller's transaction (a delivery that commits with its audit rows; an import).
 
-SQLite gets one ``executemany`` of plain tuples per table (one hop to aiosqlite's thread),
-with values through the columns' bind processors so that they are stored exactly as
-SQLAlchemy would store them.
+SQLite gets one ``executemany`` of plain tuples per table, with values through the columns'
+bind processors so that they are stored exactly as SQLAlchemy would store them:
+:func:`insert_rows` inside a caller's transaction, and :func:`insert_rows_sqlite` as one
+whole transaction on a plain ``sqlite3`` connection, for the writer's own thread (one hop
+per flush; through SQLAlchemy and aiosqlite a write transaction is five hops and about
+1.4 ms even when it does nothing, ``bench/audit.py``).
 """
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Sequence
+from functools import cache
 from typing import Any
 
+from sqlalchemy.dialects.sqlite.aiosqlite import SQLiteDialect_aiosqlite
+from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from sharedcare.audit.columns import EventRow
 from sharedcare.audit.schema import audit_events
 
-__all__ = ["insert_rows", "insert_rows_autocommit"]
+__all__ = ["insert_rows", "insert_rows_autocommit", "insert_rows_sqlite", "sqlite_values"]
 
 _COLUMNS = (
     "id", "recorded", "patient", "user_id", "organization", "client_id", "subtype", "action",
@@ -68,14 +75,44 @@ async def insert_rows(conn: AsyncConnection, rows: Sequence[EventRow]) -> int:
     if conn.dialect.name == "postgresql":
         await conn.exec_driver_sql(_PG_SQL, tuple(_pg_arguments(rows)))
         return len(rows)
-    people = _people(rows)
-    # The dialect's own DateTime (the generic type has no processor): stored as the store stores it.
-    recorded = audit_events.c.recorded.type.dialect_impl(conn.dialect).bind_processor(conn.dialect)
-    values: list[tuple[Any, ...]] = [
-        (r.id, recorded(r.recorded) if recorded else r.recorded, *r[2:_N]) for r in rows
-    ]
+    values, people = sqlite_values(rows, conn.dialect)
     await conn.exec_driver_sql(_SQLITE_EVENTS, values)
     if people:
         await conn.exec_driver_sql(_SQLITE_PEOPLE, people)
     return len(rows)
+
+
+@cache
+def _sqlite_dialect() -> Dialect:
+    return SQLiteDialect_aiosqlite()
+
+
+def sqlite_values(
+    rows: Sequence[EventRow], dialect: Dialect | None = None
+) -> tuple[list[tuple[Any, ...]], list[tuple[str, str]]]:
+    """The parameter tuples of both SQLite inserts (CPU only: build them outside the lock)."""
+    dialect = dialect or _sqlite_dialect()
+    # The dialect's own DateTime (the generic type has no processor): stored as the store stores it.
+    recorded = audit_events.c.recorded.type.dialect_impl(dialect).bind_processor(dialect)
+    values: list[tuple[Any, ...]] = [
+        (r.id, recorded(r.recorded) if recorded else r.recorded, *r[2:_N]) for r in rows
+    ]
+    return values, _people(rows)
+
+
+def insert_rows_sqlite(
+    conn: sqlite3.Connection, values: list[tuple[Any, ...]], people: list[tuple[str, str]]
+) -> None:
+    """One whole write transaction on a driver-autocommit ``sqlite3`` connection (blocking:
+    run it in a thread). ``BEGIN IMMEDIATE`` waits out another writer (``busy_timeout``)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.executemany(_SQLITE_EVENTS, values)
+        if people:
+            conn.executemany(_SQLITE_PEOPLE, people)
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
 

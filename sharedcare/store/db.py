@@ -63,12 +63,34 @@ def _translate(
     return None
 
 
+def sqlite_path(url: str) -> str | None:
+    """The file of a SQLite URL (None for an in-memory database)."""
+    path = url.split("///", 1)[-1] if "///" in url else ""
+    return path if path and path != ":memory:" else None
+
+
+def configure_sqlite(dbapi_conn: Any, synchronous: str) -> None:
+    """The settings every SQLite connection of the hub runs with (WAL, durability, waits).
+
+    Autocommit at the driver: callers issue BEGIN themselves (SQLAlchemy's "begin" event
+    below; pysqlite's implicit BEGIN is DEFERRED and would hide our IMMEDIATE).
+    """
+    dbapi_conn.isolation_level = None
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute(f"PRAGMA synchronous={synchronous}")
+    cur.execute("PRAGMA busy_timeout=10000")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.close()
+
+
 class Database:
     """The process's database engines and the one way to run a write transaction."""
 
     def __init__(self, url: str, *, pool_size: int = 10, sqlite_synchronous: str = "NORMAL"):
         self.url = url
         self.dialect = "sqlite" if url.startswith("sqlite") else "postgresql"
+        self.sqlite_synchronous = sqlite_synchronous
         if self.dialect == "sqlite":
             self._prepare_sqlite_path(url)
             self.engine = self._sqlite_engine(url, sqlite_synchronous, immediate=False)
@@ -87,8 +109,8 @@ class Database:
 
     @staticmethod
     def _prepare_sqlite_path(url: str) -> None:
-        path = url.split("///", 1)[-1]
-        if path and path != ":memory:":
+        path = sqlite_path(url)
+        if path:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
 
     @staticmethod
@@ -98,15 +120,7 @@ class Database:
 
         @event.listens_for(engine.sync_engine, "connect")
         def _on_connect(dbapi_conn: Any, _record: Any) -> None:
-            # Let SQLAlchemy's "begin" event issue BEGIN itself (pysqlite's implicit BEGIN
-            # is DEFERRED and would hide our IMMEDIATE).
-            dbapi_conn.isolation_level = None
-            cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute(f"PRAGMA synchronous={synchronous}")
-            cur.execute("PRAGMA busy_timeout=10000")
-            cur.execute("PRAGMA foreign_keys=ON")
-            cur.close()
+            configure_sqlite(dbapi_conn, synchronous)
 
         @event.listens_for(engine.sync_engine, "begin")
         def _on_begin(conn: Any) -> None:

@@ -77,7 +77,13 @@ async def test_export_then_prune_old_events(
 
 
 async def test_export_window_is_half_open(writer: AuditWriter, db: Database, make_record: Make) -> None:
-    ids = [await writer.record(make_record(request_id=f"w-{i}")) for i in range(3)]
+    # Events a millisecond apart (AuditEvent.recorded has millisecond precision, and three
+    # records in a row can commit within one).
+    start = datetime.now(UTC)
+    ids = [
+        await writer.record(make_record(request_id=f"w-{i}", recorded=start + timedelta(milliseconds=i)))
+        for i in range(3)
+    ]
     async with db.read() as conn:
         stamps = dict((await conn.execute(select(audit_events.c.id, audit_events.c.recorded))).all())
     middle = stamps[ids[1]].replace(tzinfo=UTC)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -33,9 +34,12 @@ def wrap_batch_write(
     """Wrap what the writer writes a batch with (a stalled or failing database).
 
     On PostgreSQL the writer sends one autocommit statement; with a server that does not wait
-    for the WAL, it opens a transaction instead; on SQLite always a transaction.
+    for the WAL, it opens a transaction instead; on SQLite a transaction on its own
+    connection in its own thread (``_SqliteConnection.write(self, rows)``).
     """
     monkeypatch.setattr(writer_module, "insert_rows", wrapper(writer_module.insert_rows))
+    sqlite = writer_module._SqliteConnection
+    monkeypatch.setattr(sqlite, "write", wrapper(sqlite.write))
     monkeypatch.setattr(
         writer_module, "insert_rows_autocommit", wrapper(writer_module.insert_rows_autocommit)
     )
@@ -303,3 +307,32 @@ async def test_auditors_find_events_through_fhir_search(
         if found != expected:
             failures.append(f"{name} {items}: found {sorted(found)}, expected {sorted(expected)}")
     assert failures == []
+
+
+async def test_sqlite_audit_wal_is_checkpointed_so_it_stops_growing(
+    backend: str, db: Database, make_record: Make
+) -> None:
+    """The writer's SQLite connection never checkpoints in a commit (that cost fell on one
+    audit commit in a hundred); its background checkpoints must still keep the WAL file
+    from growing with the trail, or an operator's disk fills with a log nobody reads."""
+    if backend != "sqlite":
+        pytest.skip("SQLite's write-ahead log")
+    from sharedcare.store.db import sqlite_path
+
+    path = sqlite_path(db.url)
+    assert path is not None
+    writer = AuditWriter(db)
+    assert writer._sqlite is not None
+    writer._sqlite.CHECKPOINT_ROWS = 20
+    await writer.start()
+    try:
+        for _ in range(30):  # 600 records, ~4 KB each: 2.4 MB of events
+            await asyncio.gather(*(writer.record(make_record()) for _ in range(20)))
+            await asyncio.sleep(0.01)  # the checkpoint thread runs beside the flushes
+    finally:
+        await writer.stop()
+    async with db.read() as conn:
+        bodies = (await conn.execute(select(func.sum(func.length(audit_events.c.body))))).scalar_one()
+    wal = os.path.getsize(path + "-wal")
+    assert bodies > 2_000_000
+    assert wal < bodies / 4, f"WAL {wal} bytes after {bodies} bytes of events"
