@@ -64,12 +64,19 @@ def dispatcher(settings: Settings, messaging: Messaging, keys: Any, audit: Any) 
     )
 
 
+HOT_TABLES = ("queue_items", "messages")  # rows that change state several times a second
+
+
 async def housekeeping(messaging: Messaging, every: float = 10.0) -> None:
-    """Expire uncollected mailbox messages and refresh the queue-size gauges, forever."""
+    """Expire uncollected mailbox messages, refresh the queue-size gauges and keep the hot
+    tables vacuumed (:meth:`Database.vacuum_hot`), forever."""
     known: set[str] = set()
     gauge = messaging_metrics().queue_size
     while True:
         try:
+            vacuumed = await messaging.db.vacuum_hot(HOT_TABLES)
+            if vacuumed:
+                log.info("vacuumed hot tables", tables=vacuumed)
             while await messaging.expire_mailboxes() >= 500:
                 pass
             sizes = await messaging.queue_sizes()

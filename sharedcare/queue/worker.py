@@ -108,7 +108,7 @@ class Worker:
             try:
                 processed = await self.run_once()
             except Exception:
-                log.error("queue worker error", queue=self.queue, exc_info=True)
+                log.exception("queue worker error", queue=self.queue)
                 processed = 0
                 await asyncio.sleep(1)
             if processed == 0:

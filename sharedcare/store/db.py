@@ -198,6 +198,44 @@ class Database:
         async with self.write_engine.begin() as conn:
             return await fn(conn)
 
+    async def vacuum_hot(
+        self, tables: tuple[str, ...], *, min_dead: int = 10_000, fraction: float = 0.05
+    ) -> list[str]:
+        """PostgreSQL: VACUUM (and ANALYZE) each of ``tables`` that holds more than
+        ``min_dead`` dead rows and more than ``fraction`` of its live ones; the vacuumed.
+
+        For the few tables whose rows change state many times a second (the durable queue,
+        messages in flight). Each message leaves about three dead row versions in the queue,
+        none of them HOT (the state column is indexed), and every claim walks their index
+        entries until a VACUUM removes them: without one, PostgreSQL's CPU per message grew
+        from 1.2 to 2.2 ms over a 10-minute run at 500 messages/s and delivery fell behind.
+        autovacuum's default trigger (20% of the table dead) comes late for such tables, and
+        on a server with autovacuum off never. ``SKIP_LOCKED``: when another hub process is
+        vacuuming the table already, this one does not wait. SQLite reuses freed pages by
+        itself: nothing to do.
+        """
+        if self.dialect != "postgresql" or not tables:
+            return []
+        async with self.engine.connect() as conn:
+            await conn.execution_options(isolation_level="AUTOCOMMIT")
+            stats = (
+                await conn.execute(
+                    text(
+                        "SELECT relname, n_dead_tup, n_live_tup FROM pg_stat_user_tables "
+                        "WHERE schemaname = current_schema() AND relname = ANY(:tables)"
+                    ),
+                    {"tables": list(tables)},
+                )
+            ).all()
+            due = [
+                row.relname
+                for row in stats
+                if row.n_dead_tup > min_dead and row.n_dead_tup > fraction * row.n_live_tup
+            ]
+            for table in sorted(due):
+                await conn.exec_driver_sql(f'VACUUM (ANALYZE, SKIP_LOCKED) "{table}"')
+        return sorted(due)
+
     async def ping(self) -> None:
         async with self.engine.connect() as conn:
             await conn.execute(text("SELECT 1"))

@@ -168,3 +168,45 @@ async def test_enqueue_many_keeps_partition_order_and_a_backlog_costs_claims_not
         seen += [i.payload["n"] for i in items]
         await q.complete(db, [i.id for i in items])
     assert seen == [0, -1, *range(1, 500)]  # the partition one at a time, in order
+
+
+async def _table_stats(db: Database, table: str) -> tuple[int, int]:
+    """(dead rows, vacuums so far) of ``table``, as PostgreSQL's statistics report them."""
+    from sqlalchemy import text
+
+    async with db.read() as conn:
+        row = (
+            await conn.execute(
+                text(
+                    "SELECT n_dead_tup, vacuum_count FROM pg_stat_user_tables "
+                    "WHERE schemaname = current_schema() AND relname = :t"
+                ),
+                {"t": table},
+            )
+        ).one()
+    return int(row.n_dead_tup), int(row.vacuum_count)
+
+
+async def test_the_hub_vacuums_its_queue_once_finished_items_leave_dead_rows(
+    backend: str, db: Database
+) -> None:
+    """Every item leaves dead row versions behind (ready → leased → done, none in place);
+    left there, every claim walks them. The hub vacuums the table itself once they pass a
+    threshold, whether or not the server's autovacuum would have."""
+    if backend != "postgresql":
+        pytest.skip("PostgreSQL's dead row versions; SQLite reuses freed pages itself")
+    await put(db, "churn", 300)
+    while items := await q.claim(db, "churn", limit=100):
+        await q.complete(db, [item.id for item in items])
+    deadline = asyncio.get_running_loop().time() + 20
+    while (stats := await _table_stats(db, "queue_items"))[0] < 300:
+        # The backends report their dead rows to the statistics within a second or so.
+        assert asyncio.get_running_loop().time() < deadline, f"dead rows never reported: {stats}"
+        await asyncio.sleep(0.2)
+    dead, vacuums = stats
+    assert await db.vacuum_hot(("queue_items",), min_dead=10 * dead) == []  # below threshold
+    assert await db.vacuum_hot(("queue_items",), min_dead=100) == ["queue_items"]
+    while (after := await _table_stats(db, "queue_items"))[1] == vacuums:
+        assert asyncio.get_running_loop().time() < deadline, "the VACUUM never showed"
+        await asyncio.sleep(0.2)
+    assert after[0] < dead  # the dead versions are gone
