@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+import subprocess
+from typing import Any, Self
 
 FHIR_JSON = {"Content-Type": "application/fhir+json"}
 
@@ -60,8 +61,7 @@ class RunningHub:
         self.argv = [sys.executable, "-m", "sharedcare.cli", "serve"]
         self.proc: Any = None
 
-    def __enter__(self) -> RunningHub:
-        import subprocess
+    def __enter__(self) -> Self:
         import time
 
         import httpx
@@ -85,7 +85,7 @@ class RunningHub:
             self.proc.terminate()
             try:
                 self.proc.wait(10)
-            except Exception:
+            except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
         if self.proc and self.proc.stderr:

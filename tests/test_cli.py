@@ -15,6 +15,7 @@ from sharedcare.settings import Settings
 def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "sharedcare.cli", *args],
+        check=False,  # the tests assert on the exit code themselves
         capture_output=True,
         text=True,
         env={**os.environ, **(env or {})},

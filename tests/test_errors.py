@@ -182,3 +182,44 @@ async def test_server_error_hides_internals_and_carries_the_request_id(settings:
     assert response.headers["X-Request-ID"] == "req-boom-1"
     request_id = generated.headers["X-Request-ID"]
     assert request_id and request_id in generated.json()["issue"][0]["diagnostics"]
+
+
+async def test_a_lost_database_connection_is_503_with_retry_after_then_recovers(
+    backend: str, app: Any, client: httpx.AsyncClient
+) -> None:
+    """PostgreSQL restarted under a running hub (here: every connection of the hub's database
+    terminated): the requests that meet a dead connection get a 503 a client can retry,
+    never a 500, and the hub serves again once its pool has reconnected."""
+    if backend != "postgresql":
+        pytest.skip("terminates PostgreSQL server processes")
+    import asyncpg
+    from sqlalchemy import make_url
+
+    org = {"resourceType": "Organization", "name": "Leeds Teaching Hospitals"}
+    created = await client.post("/fhir/Organization", json=org, headers=FHIR_JSON)
+    assert created.status_code == 201, created.text
+    url = f"/fhir/Organization/{created.json()['id']}"
+    dsn = make_url(app.state.db.url).set(drivername="postgresql").render_as_string(False)
+    killer = await asyncpg.connect(dsn)
+    try:
+        killed = await killer.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+    finally:
+        await killer.close()
+    assert killed >= 1
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    statuses: list[int] = []
+    async with httpx.AsyncClient(
+        transport=transport, base_url=str(client.base_url), headers=client.headers
+    ) as http:
+        for _ in range(30):
+            answer = await http.get(url)
+            statuses.append(answer.status_code)
+            if answer.status_code == 200:
+                break
+            outcome = assert_outcome(answer, 503)
+            assert answer.headers["Retry-After"] == "1"
+            assert "Retry shortly" in outcome["issue"][0]["diagnostics"]
+    assert statuses[0] == 503 and statuses[-1] == 200, statuses

@@ -6,6 +6,11 @@ from typing import Any
 
 import orjson
 import structlog
+from asyncpg.exceptions import InterfaceError as PGInterfaceError
+from asyncpg.exceptions import InternalClientError as PGInternalError
+from asyncpg.exceptions import PostgresError as PGError
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
@@ -84,8 +89,45 @@ def _allowed_methods(request: Request) -> str:
     return ", ".join(sorted(methods))
 
 
+def _database_unavailable(exc: BaseException) -> bool:
+    """The database had no connection for the request: the pool exhausted, the server out of
+    connections or restarting, a connection lost (any other OSError is not the database's)."""
+    from sharedcare.store.db import is_connection_failure
+
+    if isinstance(exc, OSError) and not isinstance(exc, ConnectionError):
+        return False
+    return is_connection_failure(exc)
+
+
+def _unavailable(request: Request, exc: BaseException) -> Response:
+    request_id = request.scope.get("state", {}).get("request_id", "")
+    log.warning("database unavailable", error=type(exc).__name__, path=request.url.path)
+    issue = Issue(
+        "transient",
+        "The hub's database has no connection for this request (the hub is at capacity, "
+        "or the database is restarting). Retry shortly.",
+    )
+    headers = {"Retry-After": "1", **({"X-Request-ID": request_id} if request_id else {})}
+    return fhir_json(operation_outcome(issue), 503, headers)
+
+
+async def database_error_handler(request: Request, exc: Exception) -> Response:
+    """A database with no connection for the request is a 503 with Retry-After, wherever it
+    happens: the request can be repeated, and no data was released (a release waits for its
+    audit record, which needs the database too). Any other database error stays a 500."""
+    if _database_unavailable(exc):
+        return _unavailable(request, exc)
+    raise exc
+
+
 async def server_error_handler(request: Request, exc: Exception) -> Response:
-    """A 500 never shows internals: the client gets the request id to quote to an operator."""
+    """A 500 never shows internals: the client gets the request id to quote to an operator.
+
+    The database being unavailable is a 503 here too, for failures raised outside the
+    routes (in the access middleware) that :func:`database_error_handler` does not see.
+    """
+    if _database_unavailable(exc):
+        return _unavailable(request, exc)
     request_id = request.scope.get("state", {}).get("request_id", "")
     log.error("unhandled error", exc_info=exc, path=request.url.path)
     issue = Issue(
@@ -100,5 +142,12 @@ async def server_error_handler(request: Request, exc: Exception) -> Response:
 EXCEPTION_HANDLERS = {
     FHIRError: fhir_error_handler,
     HTTPException: http_error_handler,
+    # The database without a connection for the request (see database_error_handler).
+    DBAPIError: database_error_handler,
+    PoolTimeout: database_error_handler,
+    ConnectionError: database_error_handler,
+    PGInterfaceError: database_error_handler,
+    PGInternalError: database_error_handler,
+    PGError: database_error_handler,
     Exception: server_error_handler,
 }

@@ -4,19 +4,19 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any, Final
+from typing import Any
 
-from asyncpg.exceptions import InterfaceError as _PGInterfaceError
-from asyncpg.exceptions import PostgresConnectionError as _PGConnectionError
-from sqlalchemy.exc import DBAPIError
-from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from sharedcare.fhir.errors import FHIRError
+from sharedcare.store.db import is_connection_failure
 
-# SQLSTATE classes of a connection that failed or was refused: connection exception,
-# insufficient resources (too many clients), operator intervention (shutdown, starting up).
-_CONNECTION_SQLSTATES: Final = ("08", "53", "57P01", "57P02", "57P03")
+__all__ = [
+    "connection_failures_as_503",
+    "driver_connection",
+    "is_connection_failure",
+    "unavailable",
+]
 
 
 def unavailable() -> FHIRError:
@@ -28,22 +28,6 @@ def unavailable() -> FHIRError:
         "shortly.",
         headers={"Retry-After": "1"},
     )
-
-
-def is_connection_failure(exc: BaseException) -> bool:
-    """Pool exhausted, server out of connections, or a connection lost: retryable, a 503."""
-    if isinstance(exc, PoolTimeout | OSError | _PGInterfaceError | _PGConnectionError):
-        return True
-    if isinstance(exc, DBAPIError):
-        if exc.connection_invalidated:
-            return True
-        orig = exc.orig
-        cause = getattr(orig, "__cause__", None)
-        if isinstance(orig, OSError) or isinstance(cause, OSError | _PGConnectionError):
-            return True
-        state = str(getattr(orig, "sqlstate", None) or getattr(cause, "sqlstate", None) or "")
-        return state.startswith(_CONNECTION_SQLSTATES)
-    return False
 
 
 @asynccontextmanager

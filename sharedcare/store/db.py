@@ -13,14 +13,17 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 import structlog
 from asyncpg.exceptions import IntegrityConstraintViolationError as _PG_INTEGRITY
 from asyncpg.exceptions import InterfaceError as _PG_INTERFACE
+from asyncpg.exceptions import InternalClientError as _PG_INTERNAL
+from asyncpg.exceptions import PostgresConnectionError as _PG_CONNECTION
 from asyncpg.exceptions import PostgresError as _PG_ERROR
 from sqlalchemy import event, text
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.util import greenlet_spawn
 
@@ -40,6 +43,29 @@ def _sqlstate(exc: DBAPIError) -> str | None:
         if code:
             return str(code)
     return None
+
+
+# SQLSTATE classes of a connection that failed or was refused: connection exception,
+# insufficient resources (too many clients), operator intervention (shutdown, starting up).
+_CONNECTION_SQLSTATES: Final = ("08", "53", "57P01", "57P02", "57P03")
+
+
+def is_connection_failure(exc: BaseException) -> bool:
+    """Pool exhausted, server out of connections, or a connection lost: retryable, a 503."""
+    if isinstance(exc, PoolTimeout | OSError | _PG_INTERFACE | _PG_CONNECTION | _PG_INTERNAL):
+        return True
+    if isinstance(exc, _PG_ERROR):  # straight from asyncpg (Database.driver()): its class
+        return str(getattr(exc, "sqlstate", "") or "").startswith(_CONNECTION_SQLSTATES)
+    if isinstance(exc, DBAPIError):
+        if exc.connection_invalidated:
+            return True
+        orig = exc.orig
+        cause = getattr(orig, "__cause__", None)
+        if isinstance(orig, OSError) or isinstance(cause, OSError | _PG_CONNECTION):
+            return True
+        state = str(getattr(orig, "sqlstate", None) or getattr(cause, "sqlstate", None) or "")
+        return state.startswith(_CONNECTION_SQLSTATES)
+    return False
 
 
 def translate_error(exc: DBAPIError) -> FHIRError | None:
@@ -166,14 +192,23 @@ class Database:
         healthy = True
         try:
             yield pooled.driver_connection
-        except _PG_ERROR as exc:  # a statement failed; the autocommit connection is fine
+        except _PG_ERROR as exc:
+            # A statement failed: the autocommit connection is fine, unless the server ended
+            # it (a restart or pg_terminate_backend: 57P01, class 08...). Pooled again, such a
+            # connection failed the next request that took it, with asyncpg's "another
+            # operation is in progress".
+            if is_connection_failure(exc):
+                healthy = False
+                raise
             state = getattr(exc, "sqlstate", None)
             integrity = isinstance(exc, _PG_INTEGRITY)
             raise _translate(state, str(exc).lower(), integrity) or exc from None
         except BaseException as exc:
             # Cancelled or broken mid-statement: the protocol state is unknown. Errors
             # raised by the caller's own code (a 404, a bad cursor) leave it usable.
-            healthy = isinstance(exc, Exception) and not isinstance(exc, (_PG_INTERFACE, OSError))
+            healthy = isinstance(exc, Exception) and not isinstance(
+                exc, (_PG_INTERFACE, _PG_INTERNAL, OSError)
+            )
             raise
         finally:
             await greenlet_spawn(pooled.close if healthy else pooled.invalidate)
