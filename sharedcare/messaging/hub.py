@@ -74,9 +74,6 @@ async def housekeeping(messaging: Messaging, every: float = 10.0) -> None:
     gauge = messaging_metrics().queue_size
     while True:
         try:
-            vacuumed = await messaging.db.vacuum_hot(HOT_TABLES)
-            if vacuumed:
-                log.info("vacuumed hot tables", tables=vacuumed)
             while await messaging.expire_mailboxes() >= 500:
                 pass
             sizes = await messaging.queue_sizes()
@@ -87,6 +84,12 @@ async def housekeeping(messaging: Messaging, every: float = 10.0) -> None:
             known |= sizes.keys()
         except Exception:
             log.exception("messaging housekeeping failed")
+        try:  # on its own: a failed VACUUM must not stop mailbox expiry, nor the reverse
+            vacuumed = await messaging.db.vacuum_hot(HOT_TABLES)
+            if vacuumed:
+                log.info("vacuumed hot tables", tables=vacuumed)
+        except Exception:
+            log.exception("vacuuming the messaging tables failed")
         await asyncio.sleep(min(every, max(0.2, messaging.expiry_seconds / 10)))
 
 
