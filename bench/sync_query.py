@@ -50,6 +50,7 @@ from common import (
     PySpy,
     Req,
     TokenSource,
+    Wrk,
     descendants,
     free_port,
     log,
@@ -339,6 +340,12 @@ _BUCKET = re.compile(
 
 
 def internal_buckets(hub: Hub) -> list[tuple[float, float]]:
+    """The hub's internal round trip histogram, once every worker has written its values.
+
+    Workers add their metrics up in-process and write them once a second
+    (sharedcare.metrics.buffer): wait that out, so a phase's last second is counted.
+    """
+    time.sleep(1.5)
     text = httpx.get(f"{hub.base}/metrics", timeout=10).text
     return [
         (float("inf") if le == "+Inf" else float(le), float(n)) for le, n in _BUCKET.findall(text)
@@ -409,7 +416,7 @@ def print_report(report: dict[str, Any], args: Any) -> None:
     slow = report.get("slow")
     rows: list[list[Any]] = [
         [
-            "saturation (closed loop)",
+            f"saturation (closed loop, {sat.get('client', 'python')})",
             saturation,
             sat["latency_ms"]["p50"],
             sat["latency_ms"]["p99"],
@@ -470,6 +477,11 @@ def main() -> None:
     parser.add_argument(
         "--no-nginx", action="store_true", help="serve fixed responses with aiohttp"
     )
+    parser.add_argument(
+        "--python-client",
+        action="store_true",
+        help="drive the saturation phase with the Python load process even when wrk is installed",
+    )
     parser.add_argument("--phases", default="saturation,levels,slow", help="comma-separated subset")
     args = parser.parse_args()
     phases = set(args.phases.split(","))
@@ -528,25 +540,37 @@ def main() -> None:
         # 1. saturation, closed loop
         report["quiet"] = wait_for_quiet()
         requests = [Req("GET", p) for p in paths]
-        with LoadGenerator(hub.base) as load:
-            meter = CpuMeter({**groups, "client": lambda: [load.pid] if load.pid else []})
+        use_wrk = Wrk.available() and not args.python_client
+        with contextlib.ExitStack() as phase:
+            if use_wrk:
+                wrk = Wrk(hub.base, paths, token.header())
+                phase.callback(wrk.close)
+                client_pids: Any = wrk.pids
+                wrk.run(args.concurrency, 3)  # warm-up, not measured
+            else:
+                load = phase.enter_context(LoadGenerator(hub.base))
+                client_pids = lambda: [load.pid] if load.pid else []
+            meter = CpuMeter({**groups, "client": client_pids})
             spy = (
                 PySpy(hub.proc.pid, RESULTS_DIR / f"sync-query-{timestamp()}.pyspy").start()
                 if args.profile
                 else None
             )  # type: ignore[union-attr]
             meter.start()
-            sat = load.run(
-                Phase(
-                    "saturation",
-                    requests,
-                    concurrency=args.concurrency,
-                    duration=args.duration,
-                    warmup=3,
-                    cycle=True,
-                    auth=token,
+            if use_wrk:
+                sat = wrk.run(args.concurrency, args.duration)
+            else:
+                sat = load.run(
+                    Phase(
+                        "saturation",
+                        requests,
+                        concurrency=args.concurrency,
+                        duration=args.duration,
+                        warmup=3,
+                        cycle=True,
+                        auth=token,
+                    )
                 )
-            )
             cpu = meter.stop()
             if spy is not None:
                 report["profile"] = summarise_profile(spy.stop())
@@ -564,6 +588,7 @@ def main() -> None:
             "failed": sat["failed"],
             "statuses": sat["statuses"],
             "cpu": cpu,
+            "client": "wrk" if use_wrk else "python (aiohttp)",
         }
         log(
             f"saturation: {saturation:.0f} queries/s (p50 {sat['latency_ms']['p50']:.1f} ms), cpu {cpu}"

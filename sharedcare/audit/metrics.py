@@ -27,12 +27,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
+from sharedcare.metrics.buffer import BufferedCounter, BufferedHistogram
 from sharedcare.metrics.registry import lazy
 
 if TYPE_CHECKING:
     from prometheus_client import Counter, Gauge, Histogram
 
-__all__ = ["AuditMetrics", "get_audit_metrics"]
+__all__ = ["AuditMetrics", "HotAuditMetrics", "get_audit_metrics", "hot_audit_metrics"]
 
 BATCH_BUCKETS: Final = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 # 0.25 ms .. 5 s: a group commit is ~1 ms; seconds mean the database is in trouble.
@@ -93,4 +94,27 @@ def _create() -> AuditMetrics:
 
 
 get_audit_metrics = lazy(_create)
+
+
+@dataclass(frozen=True, slots=True)
+class HotAuditMetrics:
+    """The per-record and per-flush values, buffered in-process (sharedcare.metrics.buffer)."""
+
+    records_total: BufferedCounter
+    flush_batch_size: BufferedHistogram
+    flush_duration_seconds: BufferedHistogram
+    record_duration_seconds: BufferedHistogram
+
+
+def _create_hot() -> HotAuditMetrics:
+    m = get_audit_metrics()
+    return HotAuditMetrics(
+        BufferedCounter(m.records_total),
+        BufferedHistogram(m.flush_batch_size),
+        BufferedHistogram(m.flush_duration_seconds),
+        BufferedHistogram(m.record_duration_seconds),
+    )
+
+
+hot_audit_metrics = lazy(_create_hot)
 

@@ -48,7 +48,7 @@ from sharedcare.audit.insert import (
     insert_rows_sqlite,
     sqlite_values,
 )
-from sharedcare.audit.metrics import get_audit_metrics
+from sharedcare.audit.metrics import get_audit_metrics, hot_audit_metrics
 from sharedcare.audit.record import SUCCESS, AuditRecord, to_audit_event
 from sharedcare.fhir.errors import FHIRError
 from sharedcare.registry.model import HUB
@@ -309,7 +309,7 @@ class AuditWriter:
                 rid = await future  # cancelled on timeout; see the module docstring
         except TimeoutError:
             raise audit_unavailable(f"the database did not commit within {self.timeout:g} s") from None
-        get_audit_metrics().record_duration_seconds.observe(perf_counter() - started)
+        hot_audit_metrics().record_duration_seconds.observe(perf_counter() - started)
         return rid
 
     def _kick(self) -> None:
@@ -376,10 +376,11 @@ class AuditWriter:
         for p in batch:
             if not p.future.done():
                 p.future.set_result(p.row.id)
-        metrics.flush_batch_size.observe(len(batch))
-        metrics.flush_duration_seconds.observe(elapsed)
+        hot = hot_audit_metrics()
+        hot.flush_batch_size.observe(len(batch))
+        hot.flush_duration_seconds.observe(elapsed)
         for outcome, n in Counter(p.outcome for p in batch).items():
-            metrics.records_total.labels(outcome=str(outcome)).inc(n)
+            hot.records_total.inc(str(outcome), amount=n)
 
     @staticmethod
     def _fail(batch: list[_Pending], reason: str, cause: BaseException | None = None) -> None:

@@ -6,6 +6,7 @@ import re
 import time
 import uuid
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any, Final
 
 import structlog
@@ -13,7 +14,8 @@ from starlette.routing import BaseRoute, Host, Match, Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sharedcare.logs import get_logger
-from sharedcare.metrics.registry import get_metrics
+from sharedcare.metrics.buffer import BufferedCounter, BufferedGauge, BufferedHistogram
+from sharedcare.metrics.registry import get_metrics, lazy
 
 __all__ = ["UNMATCHED_ROUTE", "MetricsMiddleware", "RequestIdMiddleware", "route_template"]
 
@@ -40,7 +42,7 @@ class MetricsMiddleware:
             await self.app(scope, receive, send)
             return
 
-        metrics = get_metrics()
+        hot = _hot()
         # Routing mutates scope (root_path, path_params, route); keep what matching needs.
         original_root_path: str = scope.get("root_path", "")
         status = 500  # if the app never starts a response, the client sees a failure
@@ -52,7 +54,7 @@ class MetricsMiddleware:
                 status = message["status"]
             await send(message)
 
-        metrics.http_requests_in_flight.inc()
+        hot.in_flight.add(amount=1)
         try:
             await self.app(scope, receive, send_with_status)
         except Exception:
@@ -62,15 +64,34 @@ class MetricsMiddleware:
             raise
         finally:
             elapsed = time.perf_counter() - start
-            metrics.http_requests_in_flight.dec()
+            hot.in_flight.add(amount=-1)
             route = route_template(scope, original_root_path)
             method = scope.get("method", "GET")
             if method not in _KNOWN_METHODS:
                 method = "OTHER"
-            metrics.http_requests_total.labels(route=route, method=method, status=str(status)).inc()
-            metrics.http_request_duration_seconds.labels(route=route, method=method).observe(
-                elapsed
-            )
+            hot.requests.inc(route, method, str(status))
+            hot.duration.observe(elapsed, route, method)
+
+
+@dataclass(frozen=True, slots=True)
+class _Hot:
+    """The HTTP metrics, buffered in-process (sharedcare.metrics.buffer)."""
+
+    requests: BufferedCounter
+    duration: BufferedHistogram
+    in_flight: BufferedGauge
+
+
+def _create_hot() -> _Hot:
+    m = get_metrics()
+    return _Hot(
+        BufferedCounter(m.http_requests_total),
+        BufferedHistogram(m.http_request_duration_seconds),
+        BufferedGauge(m.http_requests_in_flight),
+    )
+
+
+_hot = lazy(_create_hot)
 
 
 def route_template(scope: Scope, original_root_path: str | None = None) -> str:

@@ -219,7 +219,10 @@ def render_metrics() -> tuple[bytes, str]:
     from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
     from prometheus_client.multiprocess import MultiProcessCollector
 
+    from sharedcare.metrics import buffer
+
     get_metrics()  # so that every family is exported (at zero) from the very first scrape
+    buffer.flush()  # this process's pending hot-path values (other workers' lag by <= 1 s)
     if is_multiprocess():
         # A fresh registry per scrape: the collector reads all workers' files at collect time,
         # and must not be mixed with this process's in-memory default collectors.

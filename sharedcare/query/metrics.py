@@ -34,7 +34,8 @@ Metric                                              Type       Meaning
                                                                aggregation multiplier is sum / count.
 ==================================================  =========  ===========================================
 
-Created on first use, so importing this module does not fix prometheus_client's process
+Values are added up in the process and written to the shared values once a second
+(:mod:`sharedcare.metrics.buffer`). Created on first use, so importing this module does not fix prometheus_client's process
 mode too early (see ``sharedcare.metrics.registry``).
 """
 
@@ -45,6 +46,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
+from sharedcare.metrics.buffer import BufferedCounter, BufferedHistogram
 from sharedcare.metrics.registry import lazy
 
 if TYPE_CHECKING:
@@ -162,12 +164,43 @@ _internal_max = WindowMax()
 _provider_max = WindowMax()
 
 
+@dataclass(frozen=True, slots=True)
+class _Hot:
+    """The per-query values, buffered in-process (sharedcare.metrics.buffer)."""
+
+    requests: BufferedCounter
+    internal: BufferedHistogram
+    provider: BufferedHistogram
+    provider_requests: BufferedCounter
+    no_response: BufferedCounter
+    resources: BufferedHistogram
+    response_bytes: BufferedHistogram
+    fanout: BufferedHistogram
+
+
+def _create_hot() -> _Hot:
+    m = query_metrics()
+    return _Hot(
+        BufferedCounter(m.requests),
+        BufferedHistogram(m.internal),
+        BufferedHistogram(m.provider),
+        BufferedCounter(m.provider_requests),
+        BufferedCounter(m.no_response),
+        BufferedHistogram(m.resources),
+        BufferedHistogram(m.response_bytes),
+        BufferedHistogram(m.fanout),
+    )
+
+
+_hot = lazy(_create_hot)
+
+
 def record_provider(provider: str, outcome: str, seconds: float | None) -> None:
     """One request to a provider: its outcome and, unless it was never sent, its round trip."""
-    m = query_metrics()
-    m.provider_requests.labels(provider=provider, outcome=outcome).inc()
+    m = _hot()
+    m.provider_requests.inc(provider, outcome)
     if seconds is not None:
-        m.provider.labels(provider=provider).observe(seconds)
+        m.provider.observe(seconds, provider)
         _provider_max.observe(provider, seconds)
 
 
@@ -181,8 +214,8 @@ def record_query(
     providers: int | None = None,
 ) -> None:
     """One federated query or proxied read as the consumer saw it."""
-    m = query_metrics()
-    m.requests.labels(consumer=consumer, outcome=outcome).inc()
+    m = _hot()
+    m.requests.inc(consumer, outcome)
     if internal is not None:
         m.internal.observe(internal)
         _internal_max.observe("", internal)
@@ -193,9 +226,9 @@ def record_query(
     if providers is not None:
         m.fanout.observe(providers)
     if outcome == "no_data":
-        m.no_response.labels(reason="all_providers_failed").inc()
+        m.no_response.inc("all_providers_failed")
     elif outcome == "error":
-        m.no_response.labels(reason="hub_error").inc()
+        m.no_response.inc("hub_error")
 
 
 def refresh_maxima() -> None:

@@ -14,6 +14,7 @@ trace, no internal URL.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,12 +23,15 @@ from typing import Any
 import aiohttp
 import orjson
 import structlog
+from yarl import URL
 
 from sharedcare.query.metrics import record_provider
 
 log = structlog.get_logger("sharedcare.query")
 MAX_PROVIDER_BODY = 64 * 1024 * 1024  # a searchset page larger than this is not a sane answer
 _FHIR_ACCEPT = {"Accept": "application/fhir+json"}
+READ_BUFSIZE = 256 * 1024
+_ENCODED = re.compile(r"https?://[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=%]+")
 
 
 @dataclass(slots=True)
@@ -106,7 +110,13 @@ class ProviderClients:
                 ttl_dns_cache=60,
             )
             session = aiohttp.ClientSession(
-                connector=connector, timeout=aiohttp.ClientTimeout(total=None), headers=_FHIR_ACCEPT
+                connector=connector,
+                # The deadline is asyncio.timeout(wait) around each request; the session only
+                # bounds connecting (one timer fewer per request than a per-request timeout).
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout),
+                headers=_FHIR_ACCEPT,
+                # A searchset page is tens of KB: read it in one or two chunks, not many.
+                read_bufsize=READ_BUFSIZE,
             )
             self._sessions[provider] = session
         return session
@@ -147,12 +157,9 @@ class ProviderClients:
             )
         result = Fetched(provider, sent_at=now)
         headers = {"X-Request-ID": request_id} if request_id else None
-        timeout = aiohttp.ClientTimeout(total=wait, sock_connect=min(self.connect_timeout, wait))
         try:
             async with asyncio.timeout(wait):
-                async with self._session(provider).get(
-                    url, headers=headers, timeout=timeout
-                ) as response:
+                async with self._session(provider).get(_url(url), headers=headers) as response:
                     result.status = response.status
                     if response.content_length and response.content_length > MAX_PROVIDER_BODY:
                         raise _Invalid("its answer is too large")
@@ -195,6 +202,18 @@ class ProviderClients:
             breaker.success()
         else:
             breaker.failure(time.monotonic())
+
+
+def _url(url: str) -> URL | str:
+    """``url`` as a yarl URL that is not parsed and encoded again, when it is already encoded.
+
+    The hub builds its provider URLs with urlencode, so re-encoding them is wasted work; a
+    URL that came from elsewhere (a provider's next link) with anything outside RFC 3986's
+    characters is left to aiohttp to encode.
+    """
+    if _ENCODED.fullmatch(url):
+        return URL(url, encoded=True)
+    return url
 
 
 class _Invalid(Exception):

@@ -19,6 +19,7 @@ from sharedcare.audit.metrics import get_audit_metrics
 from sharedcare.audit.schema import audit_events
 from sharedcare.audit.trail import AuditTrail
 from sharedcare.fhir.errors import FHIRError
+from sharedcare.metrics.buffer import flush as flush_metrics
 from sharedcare.store.db import Database
 from sharedcare.store.schema import resources
 
@@ -57,6 +58,7 @@ def slow_by(seconds: float) -> Callable[[Writes], Writes]:
 
 
 def _sample(name: str) -> float:
+    flush_metrics()  # hot-path values are added up in the process first
     return REGISTRY.get_sample_value(name) or 0.0
 
 
