@@ -33,7 +33,7 @@ FLUSH_SECONDS: Final = 1.0
 
 _lock = threading.Lock()
 _buffers: list[_Buffer] = []
-_flusher_pid: int | None = None
+_flusher_started = False
 
 
 class _Buffer:
@@ -143,15 +143,23 @@ def flush() -> None:
 
 def _ensure_flusher() -> None:
     """Start this process's flushing thread on first use (again in a forked child)."""
-    global _flusher_pid
-    pid = os.getpid()
-    if _flusher_pid == pid:
+    global _flusher_started
+    if _flusher_started:
         return
     with _lock:
-        if _flusher_pid == pid:
+        if _flusher_started:
             return
-        _flusher_pid = pid
+        _flusher_started = True
     threading.Thread(target=_flush_forever, name="sharedcare-metrics-flush", daemon=True).start()
+
+
+def _forked() -> None:
+    """In a forked child: its parent's thread did not come along, and neither do its values."""
+    global _flusher_started, _lock
+    _flusher_started = False
+    _lock = threading.Lock()
+    for b in _buffers:
+        b._pending = {}
 
 
 def _flush_forever() -> None:
@@ -166,3 +174,4 @@ def _flush_forever() -> None:
 
 
 atexit.register(flush)
+os.register_at_fork(after_in_child=_forked)

@@ -49,6 +49,7 @@ from sharedcare.pix.lookup import (
     FIND_BY_NHS,
     FIND_LINK,
     PERSON_LINKS,
+    find_with,
     follow_merges_pg,
     person_of_rows,
 )
@@ -241,6 +242,27 @@ class PatientIndex:
                     break
                 rows = (await conn.execute(PERSON_LINKS.where(pix_people.c.id == survivor))).all()
         return person_of_rows([r._mapping for r in rows])
+
+    async def find_with(
+        self, attached: str, *, nhs_number: str | None = None, person_id: str | None = None
+    ) -> tuple[Person | None, Any]:
+        """:meth:`find`, plus the value of ``attached`` (see :func:`lookup.find_with`) for the
+        person found, in one round trip.
+
+        The value is None when it could not come with the person: on SQLite, or when the
+        number or id found was merged into another person (the caller then fetches it for
+        the survivor itself).
+        """
+        if (nhs_number is None) == (person_id is None):
+            raise ValueError("give exactly one of nhs_number and person_id")
+        if self.db.dialect != "postgresql":
+            return await self.find(nhs_number=nhs_number, person_id=person_id), None
+        key, value = ("nhs_number", nhs_number) if nhs_number is not None else ("id", person_id)
+        async with self._driver() as driver:
+            rows = await driver.fetch(find_with(key, attached), value)
+            if rows and rows[0]["merged_into"] is None:
+                return person_of_rows(rows), rows[0]["attached"]
+            return await follow_merges_pg(driver, rows), None
 
     async def find_link(self, system: str, value: str) -> tuple[ReviewItem, Person | None] | None:
         """The linkage registered under a local identifier and the person it claims."""

@@ -32,6 +32,24 @@ _FIND_COLUMNS = (
 )
 FIND_BY_NHS = _FIND_COLUMNS + "p.nhs_number = $1"
 FIND_BY_ID = _FIND_COLUMNS + "p.id = $1"
+
+
+def find_with(key: str, attached: str) -> str:
+    """FIND_BY_NHS (``key`` "nhs_number") or FIND_BY_ID ("id") with one more column, ``attached``.
+
+    ``attached`` is a SELECT of one value named ``value``, computed once from the CTE
+    ``person`` (columns id, nhs_number, merged_into: the row found, before merges are
+    followed): another capability's data about the person, fetched in the same round trip.
+    """
+    if key not in ("nhs_number", "id"):
+        raise ValueError(f"cannot find a person by {key!r}")
+    return (
+        f"WITH person AS (SELECT p.id, p.nhs_number, p.merged_into FROM pix_people p "
+        f"WHERE p.{key} = $1), attached AS ({attached}) "
+        "SELECT person.id, person.nhs_number, person.merged_into, l.provider, l.system, "
+        "l.value, l.status, l.updated, (SELECT value FROM attached) AS attached "
+        "FROM person LEFT OUTER JOIN pix_links l ON l.person_id = person.id"
+    )
 # A local identifier → its linkage and the person it claims, in one round trip (the person's
 # rows come from the same statement; merges are followed afterwards by id).
 FIND_LINK = (

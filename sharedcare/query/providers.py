@@ -115,6 +115,9 @@ class ProviderClients:
                 # bounds connecting (one timer fewer per request than a per-request timeout).
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout),
                 headers=_FHIR_ACCEPT,
+                # Providers' cookies are never kept: one session serves every consumer, and
+                # a cookie set for one consumer's request must not travel with the next.
+                cookie_jar=aiohttp.DummyCookieJar(),
                 # A searchset page is tens of KB: read it in one or two chunks, not many.
                 read_bufsize=READ_BUFSIZE,
             )

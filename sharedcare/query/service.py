@@ -129,22 +129,28 @@ class Federation:
         search = parse_search(rtype, items, lenient=lenient, max_count=s.max_page_size)
         wait = self._wait(request)
         pix, gate = self._pix(request), self._gate(request)
+        # The person and their consent records come in one round trip (PostgreSQL).
         if search.cursor is not None:
             cursor = await cursors.verify(
                 request.app.state.iam.keys, search.cursor, rtype=rtype, client_id=client_id
             )
-            person = await pix.find(person_id=cursor.person_id)
+            person, consents = await pix.find_with(gate.consent_sql(), person_id=cursor.person_id)
             count = cursor.count
         else:
             cursor = None
-            person = await pix.find(nhs_number=search.nhs_number, person_id=search.person_id)
+            person, consents = await pix.find_with(
+                gate.consent_sql(), nhs_number=search.nhs_number, person_id=search.person_id
+            )
             count = s.default_page_size if search.count is None else search.count
         self_link = f"{self.hub}/{rtype}?{urlencode(items)}" if items else f"{self.hub}/{rtype}"
         if person is None:
             return await self._unknown_person(request, gate, search, self_link, t0, client_id)
 
         release = await gate.open(
-            request, patient=f"Patient/{person.id}", nhs_number=person.nhs_number
+            request,
+            patient=f"Patient/{person.id}",
+            nhs_number=person.nhs_number,
+            consent_bodies=consents,
         )
         targets = await self._targets(request, person, search, cursor, count)
         reachable = [t for t in targets if t.base]
