@@ -482,6 +482,12 @@ def main() -> None:
         action="store_true",
         help="drive the saturation phase with the Python load process even when wrk is installed",
     )
+    parser.add_argument(
+        "--assume-saturation",
+        type=float,
+        default=None,
+        help="skip the saturation phase and take this rate as saturation (for the levels)",
+    )
     parser.add_argument("--phases", default="saturation,levels,slow", help="comma-separated subset")
     args = parser.parse_args()
     phases = set(args.phases.split(","))
@@ -541,46 +547,51 @@ def main() -> None:
         report["quiet"] = wait_for_quiet()
         requests = [Req("GET", p) for p in paths]
         use_wrk = Wrk.available() and not args.python_client
+        if args.assume_saturation:  # levels only, at fractions of a rate measured before
+            sat = {"rate_per_s": args.assume_saturation, "latency_ms": {"p50": 0.0, "p99": 0.0},
+                   "failed": 0, "statuses": {}, "client": "assumed"}  # fmt: skip
+            cpu: dict[str, Any] = {}
         with contextlib.ExitStack() as phase:
-            if use_wrk:
-                wrk = Wrk(hub.base, paths, token.header())
-                phase.callback(wrk.close)
-                client_pids: Any = wrk.pids
-                wrk.run(args.concurrency, 3)  # warm-up, not measured
-            else:
-                load = phase.enter_context(LoadGenerator(hub.base))
-                client_pids = lambda: [load.pid] if load.pid else []
-            meter = CpuMeter({**groups, "client": client_pids})
-            spy = (
-                PySpy(hub.proc.pid, RESULTS_DIR / f"sync-query-{timestamp()}.pyspy").start()
-                if args.profile
-                else None
-            )  # type: ignore[union-attr]
-            meter.start()
-            if use_wrk:
-                sat = wrk.run(args.concurrency, args.duration)
-            else:
-                sat = load.run(
-                    Phase(
-                        "saturation",
-                        requests,
-                        concurrency=args.concurrency,
-                        duration=args.duration,
-                        warmup=3,
-                        cycle=True,
-                        auth=token,
+            if not args.assume_saturation:
+                if use_wrk:
+                    wrk = Wrk(hub.base, paths, token.header())
+                    phase.callback(wrk.close)
+                    client_pids: Any = wrk.pids
+                    wrk.run(args.concurrency, 3)  # warm-up, not measured
+                else:
+                    load = phase.enter_context(LoadGenerator(hub.base))
+                    client_pids = lambda: [load.pid] if load.pid else []
+                meter = CpuMeter({**groups, "client": client_pids})
+                spy = (
+                    PySpy(hub.proc.pid, RESULTS_DIR / f"sync-query-{timestamp()}.pyspy").start()
+                    if args.profile
+                    else None
+                )  # type: ignore[union-attr]
+                meter.start()
+                if use_wrk:
+                    sat = wrk.run(args.concurrency, args.duration)
+                else:
+                    sat = load.run(
+                        Phase(
+                            "saturation",
+                            requests,
+                            concurrency=args.concurrency,
+                            duration=args.duration,
+                            warmup=3,
+                            cycle=True,
+                            auth=token,
+                        )
                     )
-                )
-            cpu = meter.stop()
-            if spy is not None:
-                report["profile"] = summarise_profile(spy.stop())
-                log(
-                    f"hub profile (self time by component): {report['profile'].get('components_self')}"
-                )
-                log(
-                    f"hub profile (sharedcare inclusive): {report['profile'].get('sharedcare_inclusive')}"
-                )
-                log(f"hub profile (self top): {report['profile'].get('self_top')}")
+                cpu = meter.stop()
+                if spy is not None:
+                    report["profile"] = summarise_profile(spy.stop())
+                    log(
+                        f"hub profile (self time by component): {report['profile'].get('components_self')}"
+                    )
+                    log(
+                        f"hub profile (sharedcare inclusive): {report['profile'].get('sharedcare_inclusive')}"
+                    )
+                    log(f"hub profile (self top): {report['profile'].get('self_top')}")
         saturation = sat["rate_per_s"]
         report["saturation"] = {
             "rate": saturation,
