@@ -292,6 +292,16 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def steal_seconds() -> float:
+    """CPU time the hypervisor gave to other guests while this machine's vCPUs wanted it.
+
+    On a shared host this is the clearest sign that the machine itself was slower: the same
+    code measured minutes apart on this VM ran 25-50 % slower when steal was high.
+    """
+    parts = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return parts[7] / CLK_TCK if len(parts) > 7 else 0.0
+
+
 def machine_busy() -> tuple[float, float]:
     """(busy, total) jiffies of the whole machine from /proc/stat."""
     parts = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
@@ -326,6 +336,7 @@ class CpuMeter:
         self._last: dict[str, dict[int, float]] = {}
         self._t0 = 0.0
         self._m0 = (0.0, 0.0)
+        self._steal0 = 0.0
         self._done = threading.Event()
         self._thread: Any = None
 
@@ -348,6 +359,7 @@ class CpuMeter:
         self._last = {g: dict(v) for g, v in self._before.items()}
         self._t0 = time.perf_counter()
         self._m0 = machine_busy()
+        self._steal0 = steal_seconds()
         self._done.clear()
         self._thread = threading.Thread(target=self._loop, daemon=True, name="bench-cpu-meter")
         self._thread.start()
@@ -382,6 +394,8 @@ class CpuMeter:
             out["machine_busy_cores"] = round(machine, 3)
             # CPU used by processes outside the benchmark (other work on a shared machine).
             out["other_cores"] = round(max(0.0, machine - ours), 3)
+            # Part of "other": time the hypervisor ran other guests on our vCPUs.
+            out["steal_cores"] = round((steal_seconds() - self._steal0) / wall, 3)
         return out
 
 
