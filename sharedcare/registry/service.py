@@ -8,10 +8,20 @@ Cache bound: a process trusts a looked-up system for ``cache_seconds`` (setting
 ``registry_cache_seconds``, default 2 s). A suspension, a new key or a scope change made by
 any process or through the FHIR API therefore takes effect in every process within that
 time (plus one database read).
+
+Refresh ahead: a lookup that finds an entry older than half of ``cache_seconds`` still
+answers from it, and starts one background read to replace it. With steady traffic no
+request waits for the registry (before, each system's entry expired every 2 s in every
+process, and the request that found it expired paid a search with an include: on a busy
+2-core machine, several milliseconds of the federated query's p99). Only an entry past
+``cache_seconds`` is read while the caller waits, and concurrent callers share that one
+read. The bound above is unchanged: an entry is stamped with the time its read *started*,
+and never served once older than ``cache_seconds``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -19,6 +29,7 @@ from dataclasses import replace
 from typing import Any
 
 import orjson
+import structlog
 
 from sharedcare.fhir.errors import FHIRError, conflict, not_found
 from sharedcare.registry.model import (
@@ -37,6 +48,8 @@ from sharedcare.store.search import SearchPage, run_search
 from sharedcare.store.service import FhirService
 
 PAGE = 500
+REFRESH_AHEAD = 0.5  # fraction of cache_seconds after which a hit refreshes in the background
+log = structlog.get_logger("sharedcare.registry")
 
 
 class Registry:
@@ -56,6 +69,8 @@ class Registry:
         self.max_cached = max_cached
         self.clock = clock
         self._cache: OrderedDict[str, tuple[float, System | None]] = OrderedDict()
+        self._reading: dict[str, asyncio.Future[System | None]] = {}
+        self._epoch = 0  # bumped by forget(): a read that started before it is not cached
 
     # -- reads ----------------------------------------------------------------------------
     async def _search(self, rtype: str, items: list[tuple[str, str]], conn: Any = None) -> SearchPage:
@@ -78,18 +93,37 @@ class Registry:
         """The system, from this process's cache when it is younger than ``cache_seconds``."""
         now = self.clock()
         hit = self._cache.get(client_id)
-        if hit is not None and now - hit[0] < self.cache_seconds:
-            return hit[1]
+        if hit is not None:
+            age = now - hit[0]
+            if age < self.cache_seconds:
+                if age >= self.cache_seconds * REFRESH_AHEAD and client_id not in self._reading:
+                    self._read(client_id).add_done_callback(_log_failure)
+                return hit[1]
+        return await asyncio.shield(self._read(client_id))
+
+    def _read(self, client_id: str) -> asyncio.Future[System | None]:
+        """The read of ``client_id`` in flight, or a new one (one per system at a time)."""
+        reading = self._reading.get(client_id)
+        if reading is None:
+            reading = asyncio.ensure_future(self._load(client_id, self.clock(), self._epoch))
+            self._reading[client_id] = reading
+            reading.add_done_callback(lambda _: self._reading.pop(client_id, None))
+        return reading
+
+    async def _load(self, client_id: str, started: float, epoch: int) -> System | None:
         system = await self.get(client_id)
-        self._cache[client_id] = (now, system)
-        self._cache.move_to_end(client_id)
-        while len(self._cache) > self.max_cached:
-            self._cache.popitem(last=False)
+        if epoch == self._epoch:  # not read across a forget(): that would undo it
+            self._cache[client_id] = (started, system)
+            self._cache.move_to_end(client_id)
+            while len(self._cache) > self.max_cached:
+                self._cache.popitem(last=False)
         return system
 
     def forget(self, client_id: str) -> None:
         """Drop a cached entry (this process only; others follow within ``cache_seconds``)."""
         self._cache.pop(client_id, None)
+        self._reading.pop(client_id, None)
+        self._epoch += 1
 
     async def systems(self) -> list[System]:
         """Every registered system, ordered by client id."""
@@ -182,3 +216,9 @@ class Registry:
             raise
         self.forget(client_id)
         return updated
+
+
+def _log_failure(read: asyncio.Future[Any]) -> None:
+    """A background refresh that failed: the entry stays until it expires, then is read again."""
+    if not read.cancelled() and read.exception() is not None:
+        log.warning("registry refresh failed", error=repr(read.exception())[:300])

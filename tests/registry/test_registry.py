@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import httpx
@@ -13,6 +14,7 @@ from helpers import FHIR_JSON
 from sharedcare.fhir.errors import FHIRError
 from sharedcare.iam.client import public_jwks, sign_assertion, token_form
 from sharedcare.registry.model import CLIENT_ID_SYSTEM, EXT, RegistryError, new_system
+from sharedcare.registry.service import Registry
 
 PROVIDER: dict[str, Any] = {
     "client_id": "leeds-pas", "kind": "provider", "name": "Leeds PAS", "scopes": "system/*.read",
@@ -128,3 +130,79 @@ def test_invalid_registrations_say_what_to_fix(es_key: Any, changes: dict[str, A
 def test_private_keys_are_never_registered(es_key: Any) -> None:
     with pytest.raises(RegistryError, match="private key material"):
         new_system(**{**PROVIDER, "jwks": {"keys": [es_key.as_dict(private=True)]}})
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class _CountingRegistry(Registry):
+    """The real registry, counting the store reads its cache makes."""
+
+    reads = 0
+
+    async def get(self, client_id: str) -> Any:
+        self.reads += 1
+        return await super().get(client_id)
+
+
+async def _status_after_refresh(registry: Registry, client_id: str) -> str:
+    for _ in range(200):  # the background refresh is a real store read: give it a moment
+        await asyncio.sleep(0.01)
+        if client_id not in registry._reading:
+            break
+    return (await registry.lookup(client_id)).status  # type: ignore[union-attr]
+
+
+async def test_a_cached_system_is_refreshed_ahead_and_never_served_past_its_age(
+    client: httpx.AsyncClient, app: Any, es_key: Any
+) -> None:
+    admin = app.state.iam.registry
+    await admin.add(new_system(**PROVIDER, jwks=public_jwks(es_key)))
+    clock = _Clock()
+    cached = _CountingRegistry(app.state.fhir, cache_seconds=10, clock=clock)
+    assert (await cached.lookup("leeds-pas")).status == "active"  # type: ignore[union-attr]
+    await admin.set_status("leeds-pas", "suspended")
+
+    clock.now += 4  # young: answered from the cache, no read
+    assert (await cached.lookup("leeds-pas")).status == "active"  # type: ignore[union-attr]
+    assert cached.reads == 1
+    clock.now += 2  # past half its age: still answered at once, and read again behind
+    assert (await cached.lookup("leeds-pas")).status == "active"  # type: ignore[union-attr]
+    assert await _status_after_refresh(cached, "leeds-pas") == "suspended"
+    assert cached.reads == 2
+
+    # No traffic for longer than cache_seconds: the old entry is never served.
+    await admin.set_status("leeds-pas", "active")
+    clock.now += 10.5
+    assert (await cached.lookup("leeds-pas")).status == "active"  # type: ignore[union-attr]
+    assert cached.reads == 3
+
+
+async def test_callers_that_find_an_entry_expired_share_one_read(
+    client: httpx.AsyncClient, app: Any, es_key: Any
+) -> None:
+    await app.state.iam.registry.add(new_system(**PROVIDER, jwks=public_jwks(es_key)))
+    cached = _CountingRegistry(app.state.fhir, cache_seconds=10, clock=_Clock())
+    found = await asyncio.gather(*(cached.lookup("leeds-pas") for _ in range(20)))
+    assert {s.client_id for s in found} == {"leeds-pas"}  # type: ignore[union-attr]
+    assert cached.reads == 1
+
+
+async def test_a_forgotten_system_is_not_cached_again_by_a_read_that_started_before(
+    client: httpx.AsyncClient, app: Any, es_key: Any
+) -> None:
+    admin = app.state.iam.registry
+    await admin.add(new_system(**PROVIDER, jwks=public_jwks(es_key)))
+    clock = _Clock()
+    cached = _CountingRegistry(app.state.fhir, cache_seconds=10, clock=clock)
+    read = asyncio.ensure_future(cached.lookup("leeds-pas"))
+    await asyncio.sleep(0)  # the read has started
+    await admin.set_status("leeds-pas", "suspended")
+    cached.forget("leeds-pas")
+    await read
+    assert (await cached.lookup("leeds-pas")).status == "suspended"  # type: ignore[union-attr]
