@@ -18,6 +18,11 @@ Phases:
    ``--slow-s``; end-to-end p99 must stay within the wait (1500 ms) + 50 ms.
 
     python bench/sync_query.py [--backend postgresql|sqlite] [--workers 2] [--duration 10] [--profile]
+        [--python-client] [--assume-saturation R] [--phases saturation,levels,slow]
+
+The saturation phase is driven by wrk when it is installed (``apt-get install wrk``): a C
+client leaves the 2 cores to the hub; ``--python-client`` uses the Python load process
+instead. ``--assume-saturation R`` skips that phase and runs the levels at fractions of R.
 """
 
 from __future__ import annotations
