@@ -60,8 +60,17 @@ class _Buffer:
         pending, self._pending = self._pending, {}
         return pending
 
+    def _add(self, labels: tuple[str, ...], amount: float) -> None:
+        _ensure_flusher()
+        with _lock:
+            pending = self._pending
+            pending[labels] = pending.get(labels, 0.0) + amount
+
     def _apply(self, pending: dict[tuple[str, ...], Any]) -> None:
-        raise NotImplementedError
+        """Sums (a counter's or a gauge's): one ``inc`` per label set; histograms override."""
+        for labels, amount in pending.items():
+            if amount:
+                self._child(labels).inc(amount)
 
 
 class BufferedCounter(_Buffer):
@@ -73,15 +82,7 @@ class BufferedCounter(_Buffer):
         super().__init__(metric)
 
     def inc(self, *labels: str, amount: float = 1.0) -> None:
-        _ensure_flusher()
-        with _lock:
-            pending = self._pending
-            pending[labels] = pending.get(labels, 0.0) + amount
-
-    def _apply(self, pending: dict[tuple[str, ...], Any]) -> None:
-        for labels, amount in pending.items():
-            if amount:
-                self._child(labels).inc(amount)
+        self._add(labels, amount)
 
 
 class BufferedGauge(_Buffer):
@@ -93,15 +94,7 @@ class BufferedGauge(_Buffer):
         super().__init__(metric)
 
     def add(self, *labels: str, amount: float) -> None:
-        _ensure_flusher()
-        with _lock:
-            pending = self._pending
-            pending[labels] = pending.get(labels, 0.0) + amount
-
-    def _apply(self, pending: dict[tuple[str, ...], Any]) -> None:
-        for labels, amount in pending.items():
-            if amount:
-                self._child(labels).inc(amount)
+        self._add(labels, amount)
 
 
 class BufferedHistogram(_Buffer):

@@ -38,7 +38,8 @@ from sharedcare.fhir.errors import FHIRError
 from sharedcare.fhir.responses import fhir_json
 from sharedcare.iam.context import access
 from sharedcare.pix import queries
-from sharedcare.pix.index import STATUSES, PatientIndex, RegisterResult, connection_failures_as_503
+from sharedcare.pix.connections import connection_failures_as_503
+from sharedcare.pix.index import STATUSES, PatientIndex, RegisterResult
 from sharedcare.pix.metrics import record_registration, set_counts
 from sharedcare.pix.registration import (
     Refused,

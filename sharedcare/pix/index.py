@@ -22,27 +22,19 @@ is marked inactive with ``link`` ``replaced-by``; nothing is deleted. Unmerge is
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import uuid
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
 from datetime import datetime
-from typing import Any, Final
+from typing import Any
 
 import orjson
-from asyncpg.exceptions import InterfaceError as _PGInterfaceError
-from asyncpg.exceptions import PostgresError as _PGError
 from sqlalchemy import and_, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
-from sqlalchemy.pool import QueuePool
-from sqlalchemy.util import greenlet_spawn
 
 from sharedcare.fhir.errors import FHIRError
 from sharedcare.pix.connections import (
+    Leases,
     connection_failures_as_503,
-    is_connection_failure,
-    unavailable,
 )
 from sharedcare.pix.lookup import (
     FIND_BY_ID,
@@ -95,123 +87,28 @@ __all__ = [
 ]
 
 
-LEASE_WAIT_S: Final = 5.0  # the longest a lookup waits for a connection before answering 503
-LEASE_IDLE_S: Final = 1.0  # an idle lookup lease gives its connection back to the pool after this
-
-
 class PatientIndex:
     """The index over one database and the hub's store (``app.state.pix``)."""
 
     def __init__(self, db: Database, store: Store, *, keep_connections: bool = False):
         self.db = db
         self.store = store
-        # Lookups (PostgreSQL) take one of ``slots`` leases rather than a connection each:
-        # more concurrent lookups than the pool holds only made the pool open and close
-        # overflow connections per request (a new backend each time, bench/pix.py) and run
-        # the server out of connections. Half the pool is left for everything else (audit,
-        # registrations, the registry). With ``keep_connections`` (the hub; the owner must
-        # call :meth:`close` before closing the database) a lease keeps its pooled
-        # connection while lookups keep coming — no pool checkout per lookup, half a
-        # lookup's CPU — and gives it back after :data:`LEASE_IDLE_S` without one.
-        self._keep = keep_connections and db.dialect == "postgresql"
-        self.lease_wait = LEASE_WAIT_S
-        pool = db.engine.pool
-        size = pool.size() if isinstance(pool, QueuePool) else 2
-        slots = max(1, size // 2) if db.dialect == "postgresql" else 8
-        self._lookups = asyncio.Semaphore(slots)
-        self._idle: list[Any] = []  # pooled connections kept by idle leases
-        self._used = 0  # lookups since the last trim
-        self._trim: asyncio.TimerHandle | None = None
-        self._returning: set[asyncio.Future[Any]] = set()  # keeps the close tasks referenced
+        self._leases = Leases(db, keep_connections=keep_connections)
+        self._driver = self._leases.driver
+        self._read = self._leases.read
 
-    @asynccontextmanager
-    async def _driver(self) -> AsyncIterator[Any]:
-        """PostgreSQL: an asyncpg connection for a lookup, in autocommit; 503 (Retry-After)
-        when no lease comes free in :data:`LEASE_WAIT_S` or the server has no connection."""
-        try:
-            async with asyncio.timeout(self.lease_wait):
-                await self._lookups.acquire()
-        except TimeoutError:
-            raise unavailable() from None
-        try:
-            if self._idle:
-                pooled = self._idle.pop()
-            else:
-                try:
-                    async with connection_failures_as_503(), asyncio.timeout(self.lease_wait):
-                        pooled = await self.db.engine.raw_connection()
-                except TimeoutError:  # the pool is exhausted by other work
-                    raise unavailable() from None
-            healthy = True
-            try:
-                yield pooled.driver_connection
-            except _PGError as exc:  # the statement failed; the autocommit connection is fine
-                if is_connection_failure(exc):
-                    healthy = False
-                    raise unavailable() from exc
-                if getattr(exc, "sqlstate", None) == "57014":
-                    raise FHIRError.of(
-                        504, "timeout", "The database did not answer in time; retry later."
-                    ) from exc
-                raise
-            except BaseException as exc:
-                # Cancelled or broken mid-statement: the protocol state is unknown. Errors
-                # of the caller's own code leave the connection usable.
-                healthy = isinstance(exc, Exception) and not isinstance(
-                    exc, OSError | _PGInterfaceError
-                )
-                if isinstance(exc, OSError | _PGInterfaceError):
-                    raise unavailable() from exc
-                raise
-            finally:
-                if healthy and not self._keep:
-                    await greenlet_spawn(pooled.close)
-                elif healthy:
-                    self._idle.append(pooled)
-                    self._used += 1
-                    if self._trim is None:
-                        self._trim = asyncio.get_running_loop().call_later(
-                            LEASE_IDLE_S, self._trim_idle
-                        )
-                else:
-                    await greenlet_spawn(pooled.invalidate)
-        finally:
-            self._lookups.release()
+    @property
+    def lease_wait(self) -> float:
+        """The longest a lookup waits for a connection before answering 503."""
+        return self._leases.lease_wait
 
-    @asynccontextmanager
-    async def _read(self) -> AsyncIterator[AsyncConnection]:
-        """SQLite (and PostgreSQL's non-lookup reads): :meth:`Database.read`, with the same
-        503 as :meth:`_driver` when no connection comes free in time."""
-        async with connection_failures_as_503(), contextlib.AsyncExitStack() as stack:
-            try:
-                async with asyncio.timeout(self.lease_wait):
-                    conn = await stack.enter_async_context(self.db.read())
-            except TimeoutError:
-                raise unavailable() from None
-            yield conn
-
-    def _trim_idle(self) -> None:
-        """Give the idle leases' connections back to the pool once lookups have paused."""
-        self._trim = None
-        if self._used:
-            self._used = 0
-            self._trim = asyncio.get_running_loop().call_later(LEASE_IDLE_S, self._trim_idle)
-            return
-        idle, self._idle = self._idle, []
-        for pooled in idle:
-            task = asyncio.ensure_future(greenlet_spawn(pooled.close))
-            self._returning.add(task)
-            task.add_done_callback(self._returning.discard)
+    @lease_wait.setter
+    def lease_wait(self, seconds: float) -> None:
+        self._leases.lease_wait = seconds
 
     async def close(self) -> None:
         """Give every kept connection back to the pool (before the engine is disposed)."""
-        if self._trim is not None:
-            self._trim.cancel()
-            self._trim = None
-        idle, self._idle = self._idle, []
-        for pooled in idle:
-            with contextlib.suppress(Exception):
-                await greenlet_spawn(pooled.close)
+        await self._leases.close()
 
     # -- lookups ----------------------------------------------------------------------------
     async def find(

@@ -35,7 +35,8 @@ from sharedcare.audit.record import MINOR_FAILURE, SUCCESS, AuditRecord
 from sharedcare.fhir.errors import FHIRError
 from sharedcare.fhir.responses import fhir_json
 from sharedcare.iam.context import AccessContext, access
-from sharedcare.pix.index import VERIFIED, PatientIndex, Person, is_connection_failure
+from sharedcare.pix.connections import is_connection_failure
+from sharedcare.pix.index import VERIFIED, PatientIndex, Person
 from sharedcare.pix.metrics import record_availability, record_query
 from sharedcare.pix.nhs import NHS_NUMBER_SYSTEM, explain_invalid, normalise_nhs_number
 from sharedcare.registry.service import Registry

@@ -158,13 +158,19 @@ async def _status_after_refresh(registry: Registry, client_id: str) -> str:
     return (await registry.lookup(client_id)).status  # type: ignore[union-attr]
 
 
-async def test_a_cached_system_is_refreshed_ahead_and_never_served_past_its_age(
-    client: httpx.AsyncClient, app: Any, es_key: Any
-) -> None:
+async def _cached_registry(app: Any, es_key: Any) -> tuple[Any, _Clock, _CountingRegistry]:
+    """PROVIDER registered through the hub's registry, and a second registry (10 s cache,
+    its own clock) reading the same store."""
     admin = app.state.iam.registry
     await admin.add(new_system(**PROVIDER, jwks=public_jwks(es_key)))
     clock = _Clock()
-    cached = _CountingRegistry(app.state.fhir, cache_seconds=10, clock=clock)
+    return admin, clock, _CountingRegistry(app.state.fhir, cache_seconds=10, clock=clock)
+
+
+async def test_a_cached_system_is_refreshed_ahead_and_never_served_past_its_age(
+    client: httpx.AsyncClient, app: Any, es_key: Any
+) -> None:
+    admin, clock, cached = await _cached_registry(app, es_key)
     assert (await cached.lookup("leeds-pas")).status == "active"  # type: ignore[union-attr]
     await admin.set_status("leeds-pas", "suspended")
 
@@ -186,8 +192,7 @@ async def test_a_cached_system_is_refreshed_ahead_and_never_served_past_its_age(
 async def test_callers_that_find_an_entry_expired_share_one_read(
     client: httpx.AsyncClient, app: Any, es_key: Any
 ) -> None:
-    await app.state.iam.registry.add(new_system(**PROVIDER, jwks=public_jwks(es_key)))
-    cached = _CountingRegistry(app.state.fhir, cache_seconds=10, clock=_Clock())
+    _, _, cached = await _cached_registry(app, es_key)
     found = await asyncio.gather(*(cached.lookup("leeds-pas") for _ in range(20)))
     assert {s.client_id for s in found} == {"leeds-pas"}  # type: ignore[union-attr]
     assert cached.reads == 1
@@ -196,10 +201,7 @@ async def test_callers_that_find_an_entry_expired_share_one_read(
 async def test_a_forgotten_system_is_not_cached_again_by_a_read_that_started_before(
     client: httpx.AsyncClient, app: Any, es_key: Any
 ) -> None:
-    admin = app.state.iam.registry
-    await admin.add(new_system(**PROVIDER, jwks=public_jwks(es_key)))
-    clock = _Clock()
-    cached = _CountingRegistry(app.state.fhir, cache_seconds=10, clock=clock)
+    admin, _, cached = await _cached_registry(app, es_key)
     read = asyncio.ensure_future(cached.lookup("leeds-pas"))
     await asyncio.sleep(0)  # the read has started
     await admin.set_status("leeds-pas", "suspended")
