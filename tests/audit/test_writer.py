@@ -330,7 +330,12 @@ async def test_sqlite_audit_wal_is_checkpointed_so_it_stops_growing(
     try:
         for _ in range(30):  # 600 records, ~4 KB each: 2.4 MB of events
             await asyncio.gather(*(writer.record(make_record()) for _ in range(20)))
-            await asyncio.sleep(0.01)  # the checkpoint thread runs beside the flushes
+            # The checkpoint thread runs beside the flushes; let the one this batch started
+            # finish (a pause in traffic, as real traffic has), however slow the machine.
+            for _ in range(500):
+                await asyncio.sleep(0.01)
+                if writer._sqlite._checkpoint is None:
+                    break
     finally:
         await writer.stop()
     async with db.read() as conn:
