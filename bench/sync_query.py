@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import math
 import multiprocessing as mp
 import re
 import shutil
@@ -379,7 +380,13 @@ def quantile(
 
 
 def _open_loop(
-    base: str, paths: tuple[str, ...], rate: float, duration: float, token: LoadToken, conn: Any
+    base: str,
+    paths: tuple[str, ...],
+    rate: float,
+    duration: float,
+    token: LoadToken,
+    connections: int,
+    conn: Any,
 ) -> None:
     with contextlib.suppress(ImportError):
         import uvloop
@@ -392,7 +399,7 @@ def _open_loop(
         paths=paths,
         rate=rate,
         duration=duration,
-        connections=256,
+        connections=connections,
         timeout=10.0,
         client="aiohttp",
     )
@@ -401,12 +408,26 @@ def _open_loop(
 
 
 def open_loop(
-    hub: Hub, paths: tuple[str, ...], rate: float, duration: float, token: LoadToken
+    hub: Hub,
+    paths: tuple[str, ...],
+    rate: float,
+    duration: float,
+    token: LoadToken,
+    longest_s: float = 0.5,
 ) -> dict[str, Any]:
+    """Open-loop load at ``rate``; ``longest_s`` is the longest a query should take.
+
+    The client opens enough connections for every query that should be in flight at once
+    (rate x longest, with room to spare), so that a wait in the load client's own queue
+    is never counted against the hub.
+    """
+    connections = max(256, math.ceil(rate * longest_s * 1.5))
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
     proc = ctx.Process(
-        target=_open_loop, args=(hub.base, paths, rate, duration, token, child), daemon=True
+        target=_open_loop,
+        args=(hub.base, paths, rate, duration, token, connections, child),
+        daemon=True,
     )
     proc.start()
     result: dict[str, Any] = parent.recv()
@@ -638,7 +659,9 @@ def main() -> None:
                 wait_for_quiet()
                 rate = max(1.0, saturation * 0.5)
                 before = internal_buckets(hub)
-                got = open_loop(hub, paths, rate, args.duration, token)
+                got = open_loop(
+                    hub, paths, rate, args.duration, token, longest_s=args.wait_ms / 1000
+                )
                 after = internal_buckets(hub)
                 move_provider(hub, PROVIDERS[2], fixed.base(PROVIDERS[2]))
             report["slow"] = {

@@ -169,12 +169,15 @@ class RequestIdMiddleware:
             await self.app(scope, receive, send)
             return
 
+        start = time.perf_counter()
         request_id = self._incoming_id(scope) or uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = request_id
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        # When the hub had the request (deadlines that bound the caller's wait count from here).
+        state["received_at"] = start
         # Decided up front: a Mount rewrites root_path while the request runs.
         quiet = _route_path(scope) in self.quiet_paths
         status = 500
-        start = time.perf_counter()
 
         async def send_with_id(message: Message) -> None:
             nonlocal status

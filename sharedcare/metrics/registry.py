@@ -166,7 +166,6 @@ def _create_metrics() -> Metrics:
 get_metrics = lazy(_create_metrics)
 
 
-
 def _mark_this_process_dead() -> None:
     """Remove this process's live-gauge files."""
     from prometheus_client import multiprocess

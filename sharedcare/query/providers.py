@@ -141,13 +141,18 @@ class ProviderClients:
         *,
         request_id: str | None = None,
         check: Callable[[Any], str | None] | None = None,
+        deadline: float | None = None,
     ) -> Fetched:
         """GET ``url`` from ``provider`` within ``wait`` seconds; always returns.
 
-        ``check(body)`` returns why a parsed 2xx body is unusable (None when it is fine); an
-        unusable body is an ``invalid`` failure, which counts against the breaker.
+        ``deadline`` (a ``time.perf_counter()`` instant) ends the wait earlier: the federated
+        query counts the wait from when the hub received the consumer's request, so the
+        consumer's own wait is bounded by it. ``check(body)`` returns why a parsed 2xx body
+        is unusable (None when it is fine); an unusable body is an ``invalid`` failure, which
+        counts against the breaker.
         """
         now = time.perf_counter()
+        allowed = wait if deadline is None else max(0.0, min(wait, deadline - now))
         breaker = self.breaker(provider)
         if not breaker.allow(time.monotonic()):
             record_provider(provider, "circuit_open", None)
@@ -161,7 +166,7 @@ class ProviderClients:
         result = Fetched(provider, sent_at=now)
         headers = {"X-Request-ID": request_id} if request_id else None
         try:
-            async with asyncio.timeout(wait):
+            async with asyncio.timeout(allowed):
                 async with self._session(provider).get(_url(url), headers=headers) as response:
                     result.status = response.status
                     if response.content_length and response.content_length > MAX_PROVIDER_BODY:

@@ -154,11 +154,18 @@ class Federation:
         )
         targets = await self._targets(request, person, search, cursor, count)
         reachable = [t for t in targets if t.base]
-        request_id = request.scope.get("state", {}).get("request_id")
+        state = request.scope.get("state", {})
+        request_id = state.get("request_id")
+        deadline = _deadline(state, t0, wait)
         fetched = await asyncio.gather(
             *(
                 self.clients.get(
-                    t.provider, t.url, wait, request_id=request_id, check=check_searchset
+                    t.provider,
+                    t.url,
+                    wait,
+                    request_id=request_id,
+                    check=check_searchset,
+                    deadline=deadline,
                 )
                 for t in reachable
             )
@@ -373,7 +380,9 @@ class Federation:
             )
         wait = self._wait(request)
         pix, gate = self._pix(request), self._gate(request)
-        request_id = request.scope.get("state", {}).get("request_id")
+        state = request.scope.get("state", {})
+        request_id = state.get("request_id")
+        deadline = _deadline(state, t0, wait)
         name = getattr(system, "name", None)
         got = await self.clients.get(
             provider,
@@ -381,6 +390,7 @@ class Federation:
             wait,
             request_id=request_id,
             check=check_resource(rtype, rid),
+            deadline=deadline,
         )
         sent, back = got.sent_at, got.done_at
         if not got.ok:
@@ -390,7 +400,9 @@ class Federation:
         patient: str | None = None
         nhs: str | None = None
         if local is not None:
-            person = await self._owner(request, pix, provider, base, local, resource, wait)
+            person = await self._owner(
+                request, pix, provider, base, local, resource, deadline, wait
+            )
             if person is None:
                 await gate.refused(request, reason="resource-of-unlinked-patient", action="read")
                 raise FHIRError.of(
@@ -428,6 +440,7 @@ class Federation:
         base: str,
         local: str,
         resource: dict[str, Any],
+        deadline: float,
         wait: float,
     ) -> Any:
         """The indexed person whose verified link at ``provider`` is ``local``, or None."""
@@ -440,7 +453,11 @@ class Federation:
         patient = resource if resource.get("resourceType") == "Patient" else None
         if patient is None:
             got = await self.clients.get(
-                provider, f"{base}/Patient/{local}", wait, check=check_resource("Patient", local)
+                provider,
+                f"{base}/Patient/{local}",
+                wait,
+                check=check_resource("Patient", local),
+                deadline=deadline,
             )
             if not got.ok:
                 raise _read_failure(provider, None, "Patient", local, got)
@@ -459,6 +476,16 @@ class Federation:
             if person is not None and _links(person, provider, local):
                 return person
         return None
+
+
+def _deadline(state: dict[str, Any], t0: float, wait: float) -> float:
+    """When providers must have answered: ``wait`` after the hub received the request.
+
+    Counting from receipt rather than from each provider request bounds what the consumer
+    waits, whatever the hub spent before asking (queueing, the index, consent).
+    """
+    received = state.get("received_at")
+    return (received if isinstance(received, float) and received <= t0 else t0) + wait
 
 
 def _links(person: Any, provider: str, local: str) -> bool:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import urlencode
 
 import pytest
-from query.federation import Federated
+from query.federation import NHS, Federated
 
 ALL = ("leeds-pas", "gp-b86001", "community-rxf")
 
@@ -80,6 +83,28 @@ async def test_the_wait_can_be_set_per_request(federated: Federated, header: str
     assert outcomes(r.json())[0]["code"] == "timeout"
     r = await federated.search("Observation", nhs, headers={header: "1200"})
     assert sources(r.json()) == set(ALL)
+
+
+async def test_the_wait_counts_from_when_the_hub_received_the_request(federated: Federated) -> None:
+    """Time the hub spends before asking (here: a request body that arrives late) comes out
+    of the providers' wait, so the consumer's own wait stays bounded by it."""
+    nhs = federated.people_at(*ALL)[0]
+    federated.faults("leeds-pas", latency_ms=[400, 400])
+    form = urlencode({"patient.identifier": f"{NHS}|{nhs}"}).encode()
+    headers = {"Content-Type": "application/x-www-form-urlencoded", "X-Provider-Wait-Time": "700"}
+
+    async def late_body() -> AsyncIterator[bytes]:
+        await asyncio.sleep(0.4)
+        yield form
+
+    r = await federated.http.post("/fhir/Observation/_search", content=late_body(), headers=headers)
+    assert r.status_code == 200, r.text
+    assert "leeds-pas" not in sources(r.json())  # 400 ms latency, 300 ms of the wait left
+    assert any(
+        "leeds-pas" in i["diagnostics"] and i["code"] == "timeout" for i in outcomes(r.json())
+    )
+    r = await federated.http.post("/fhir/Observation/_search", content=form, headers=headers)
+    assert "leeds-pas" in sources(r.json())  # the whole 700 ms: it answers
 
 
 async def test_the_wait_override_is_capped(federated: Federated) -> None:
