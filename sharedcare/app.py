@@ -65,6 +65,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             settings.database,
             pool_size=settings.db_pool_size,
             sqlite_synchronous=settings.sqlite_synchronous,
+            pool_timeout=settings.db_pool_timeout_seconds,
         )
         if settings.auto_migrate:
             await migrate.upgrade(db)

@@ -56,6 +56,15 @@ class Settings(BaseSettings):
         True, description="Apply database migrations at start-up (`sharedcare db upgrade`)."
     )
     db_pool_size: int = Field(20, ge=1, le=200, description="Database connections per process.")
+    db_pool_timeout_seconds: float = Field(
+        5.0,
+        gt=0,
+        le=60,
+        description=(
+            "Longest a request waits for a free database connection before it is answered "
+            "503 with Retry-After (the hub is at capacity)."
+        ),
+    )
     sqlite_synchronous: Literal["OFF", "NORMAL", "FULL", "EXTRA"] = Field(
         "NORMAL",
         description=(

@@ -113,22 +113,40 @@ def configure_sqlite(dbapi_conn: Any, synchronous: str) -> None:
 class Database:
     """The process's database engines and the one way to run a write transaction."""
 
-    def __init__(self, url: str, *, pool_size: int = 10, sqlite_synchronous: str = "NORMAL"):
+    def __init__(
+        self,
+        url: str,
+        *,
+        pool_size: int = 10,
+        sqlite_synchronous: str = "NORMAL",
+        pool_timeout: float = 5.0,
+    ):
+        """``pool_timeout``: the longest a caller waits for a pooled connection before
+        :class:`PoolTimeout` (a 503 with Retry-After at the HTTP edge), instead of
+        SQLAlchemy's 30 s, which holds a consumer for half a minute before saying so."""
         self.url = url
         self.dialect = "sqlite" if url.startswith("sqlite") else "postgresql"
         self.sqlite_synchronous = sqlite_synchronous
         if self.dialect == "sqlite":
             self._prepare_sqlite_path(url)
-            self.engine = self._sqlite_engine(url, sqlite_synchronous, immediate=False)
+            self.engine = self._sqlite_engine(
+                url, sqlite_synchronous, immediate=False, pool_timeout=pool_timeout
+            )
             # One writer connection with BEGIN IMMEDIATE: SQLite allows one writer at a time,
             # and taking the lock at BEGIN avoids deadlocking read→write upgrades
             # (the datasette `execute_write_fn` idea, STYLE §4).
-            self.write_engine = self._sqlite_engine(url, sqlite_synchronous, immediate=True)
+            self.write_engine = self._sqlite_engine(
+                url, sqlite_synchronous, immediate=True, pool_timeout=pool_timeout
+            )
             self._write_lock: asyncio.Lock | None = asyncio.Lock()
         else:
             # LIFO keeps the busiest connections warm; a small overflow avoids reconnect churn.
             self.engine = create_async_engine(
-                url, pool_size=pool_size, max_overflow=pool_size // 2, pool_use_lifo=True
+                url,
+                pool_size=pool_size,
+                max_overflow=pool_size // 2,
+                pool_use_lifo=True,
+                pool_timeout=pool_timeout,
             )
             self.write_engine = self.engine
             self._write_lock = None
@@ -140,9 +158,15 @@ class Database:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
 
     @staticmethod
-    def _sqlite_engine(url: str, synchronous: str, *, immediate: bool) -> AsyncEngine:
+    def _sqlite_engine(
+        url: str, synchronous: str, *, immediate: bool, pool_timeout: float = 5.0
+    ) -> AsyncEngine:
         # The writer keeps one connection (writes are serialised anyway); readers pool a few.
-        engine = create_async_engine(url, pool_size=1 if immediate else 8, max_overflow=0)
+        # The writer's callers queue on the write lock, not the pool, so only readers can
+        # run into pool_timeout.
+        engine = create_async_engine(
+            url, pool_size=1 if immediate else 8, max_overflow=0, pool_timeout=pool_timeout
+        )
 
         @event.listens_for(engine.sync_engine, "connect")
         def _on_connect(dbapi_conn: Any, _record: Any) -> None:
