@@ -56,6 +56,14 @@ class Settings(BaseSettings):
         True, description="Apply database migrations at start-up (`sharedcare db upgrade`)."
     )
     db_pool_size: int = Field(20, ge=1, le=200, description="Database connections per process.")
+    queue_keep_done_hours: float = Field(
+        168.0,
+        ge=0,
+        description=(
+            "How long finished items of the hub's durable queues (message pushes, PDS traces) "
+            "are kept before they are deleted; 0 keeps them forever. Dead letters are never deleted."
+        ),
+    )
     db_pool_timeout_seconds: float = Field(
         5.0,
         gt=0,

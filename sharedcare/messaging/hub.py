@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -24,7 +25,7 @@ from starlette.routing import BaseRoute
 
 from sharedcare.messaging.metrics import messaging_metrics
 from sharedcare.messaging.routes import messaging_routes
-from sharedcare.messaging.service import Messaging
+from sharedcare.messaging.service import PUSH_QUEUE, Messaging
 from sharedcare.queue import store as queue
 from sharedcare.settings import Settings
 
@@ -67,10 +68,14 @@ def dispatcher(settings: Settings, messaging: Messaging, keys: Any, audit: Any) 
 HOT_TABLES = ("queue_items", "messages")  # rows that change state several times a second
 
 
-async def housekeeping(messaging: Messaging, every: float = 10.0) -> None:
-    """Expire uncollected mailbox messages, refresh the queue-size gauges and keep the hot
-    tables vacuumed (:meth:`Database.vacuum_hot`), forever."""
+async def housekeeping(
+    messaging: Messaging, every: float = 10.0, keep_done: float | None = None
+) -> None:
+    """Expire uncollected mailbox messages, refresh the queue-size gauges, delete finished
+    pushes older than ``keep_done`` seconds (once a minute) and keep the hot tables vacuumed
+    (:meth:`Database.vacuum_hot`), forever."""
     known: set[str] = set()
+    prune_at = 0.0
     gauge = messaging_metrics().queue_size
     while True:
         try:
@@ -84,6 +89,14 @@ async def housekeeping(messaging: Messaging, every: float = 10.0) -> None:
             known |= sizes.keys()
         except Exception:
             log.exception("messaging housekeeping failed")
+        try:  # on its own: a failed prune must not stop mailbox expiry, nor the reverse
+            if keep_done is not None and time.monotonic() >= prune_at:
+                prune_at = time.monotonic() + 60.0
+                pruned = await queue.prune_done(messaging.db, PUSH_QUEUE, keep_done)
+                if pruned:
+                    log.info("pruned finished queue items", queue=PUSH_QUEUE, items=pruned)
+        except Exception:
+            log.exception("pruning finished message pushes failed")
         try:  # on its own: a failed VACUUM must not stop mailbox expiry, nor the reverse
             vacuumed = await messaging.db.vacuum_hot(HOT_TABLES)
             if vacuumed:
@@ -102,7 +115,12 @@ async def run_workers(
     messaging.on_enqueue = worker.wake
     tasks = [
         asyncio.create_task(worker.run(), name="messaging-dispatcher"),
-        asyncio.create_task(housekeeping(messaging), name="messaging-housekeeping"),
+        asyncio.create_task(
+            housekeeping(
+                messaging, keep_done=queue.keep_done_seconds(settings.queue_keep_done_hours)
+            ),
+            name="messaging-housekeeping",
+        ),
     ]
     try:
         yield worker

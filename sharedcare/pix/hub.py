@@ -49,6 +49,7 @@ from sharedcare.pix.registration import (
     refuse,
 )
 from sharedcare.pix.tracing import Tracer, TraceResult, trace_worker
+from sharedcare.queue.store import keep_done_seconds
 from sharedcare.registry.model import System
 from sharedcare.store import routes as store_routes
 
@@ -253,7 +254,11 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
             await index.apply_trace(registration_id, result)
 
         worker = trace_worker(
-            app.state.db, tracer, on_result, concurrency=settings.pix_trace_concurrency
+            app.state.db,
+            tracer,
+            on_result,
+            concurrency=settings.pix_trace_concurrency,
+            keep_done=keep_done_seconds(settings.queue_keep_done_hours),
         )
         app.state.pix_worker = worker
         tasks.append(asyncio.create_task(worker.run()))

@@ -348,6 +348,48 @@ async def redrive(db: Database, item_id: int) -> bool:
     return await db.write(work)
 
 
+def keep_done_seconds(hours: float) -> float | None:
+    """``SHAREDCARE_QUEUE_KEEP_DONE_HOURS`` as the seconds :func:`prune_done` takes (0: never)."""
+    return hours * 3600.0 if hours > 0 else None
+
+
+async def prune_done(
+    db: Database, queue: str, keep_seconds: float, *, chunk: int = 1000, most: int = 20_000
+) -> int:
+    """Delete ``queue``'s finished (done) items older than ``keep_seconds``; returns how many.
+
+    Done items are kept a while so that an idempotency key seen recently still dedupes and
+    an operator can look an item up; after that they are only weight in every claim's
+    index. Deleted in chunks of ``chunk`` (each its own short transaction, so the SQLite
+    writer is never held long), at most ``most`` per call. Dead-lettered items are never
+    pruned: they wait for an operator.
+    """
+    before = now_utc() - timedelta(seconds=keep_seconds)
+    q = queue_items.c
+    # available_at narrows by the claim index (queue, state, available_at); updated_at is
+    # when the item finished.
+    oldest = (
+        select(q.id)
+        .where(q.queue == queue, q.state == DONE, q.available_at < before, q.updated_at < before)
+        .order_by(q.id)
+        .limit(chunk)
+    )
+
+    async def work(conn: AsyncConnection) -> int:
+        ids = [row[0] for row in (await conn.execute(oldest)).all()]
+        if ids:
+            await conn.execute(queue_items.delete().where(q.id.in_(ids), q.state == DONE))
+        return len(ids)
+
+    deleted = 0
+    while deleted < most:
+        n = await db.write(work)
+        deleted += n
+        if n < chunk:
+            break
+    return deleted
+
+
 async def sizes(db: Database) -> dict[tuple[str, str], int]:
     """Item counts by (queue, state), for metrics and the operator's view."""
     q = queue_items.c

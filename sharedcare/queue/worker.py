@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import time
 from collections.abc import Awaitable, Callable
 
 import structlog
@@ -44,7 +45,11 @@ class Worker:
         batch: int = 50,
         lease: float = 30.0,
         idle_poll: float = 0.2,
+        keep_done: float | None = None,
+        prune_every: float = 60.0,
     ):
+        """``keep_done``: seconds to keep finished items before :func:`q.prune_done` deletes
+        them (checked every ``prune_every`` seconds); None keeps them forever."""
         self.db = db
         self.queue = queue
         self.handler = handler
@@ -53,6 +58,9 @@ class Worker:
         self.batch = batch
         self.lease = lease
         self.idle_poll = idle_poll
+        self.keep_done = keep_done
+        self.prune_every = prune_every
+        self._pruned_at = 0.0
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{queue}"
         self._wake = asyncio.Event()
         self._stopping = False
@@ -111,12 +119,26 @@ class Worker:
                 log.exception("queue worker error", queue=self.queue)
                 processed = 0
                 await asyncio.sleep(1)
+            await self._prune()
             if processed == 0:
                 self._wake.clear()
                 try:
                     await asyncio.wait_for(self._wake.wait(), self.idle_poll)
                 except TimeoutError:
                     pass
+
+    async def _prune(self) -> None:
+        now = time.monotonic()
+        if self.keep_done is None or now - self._pruned_at < self.prune_every:
+            return
+        self._pruned_at = now
+        try:
+            pruned = await q.prune_done(self.db, self.queue, self.keep_done)
+        except Exception:
+            log.warning("pruning finished queue items failed", queue=self.queue, exc_info=True)
+        else:
+            if pruned:
+                log.info("pruned finished queue items", queue=self.queue, items=pruned)
 
     def stop(self) -> None:
         self._stopping = True

@@ -210,3 +210,75 @@ async def test_the_hub_vacuums_its_queue_once_finished_items_leave_dead_rows(
         assert asyncio.get_running_loop().time() < deadline, "the VACUUM never showed"
         await asyncio.sleep(0.2)
     assert after[0] < dead  # the dead versions are gone
+
+
+async def _states(db: Database, queue: str) -> dict[str, int]:
+    from sqlalchemy import func, select
+
+    c = queue_items.c
+    async with db.read() as conn:
+        rows = (await conn.execute(select(c.state, func.count()).where(c.queue == queue).group_by(c.state))).all()
+    return {state: n for state, n in rows}
+
+
+async def _age(db: Database, queue: str, ids: list[int], days: float) -> None:
+    then = now_utc() - timedelta(days=days)
+
+    async def work(conn):
+        await conn.execute(
+            update(queue_items).where(queue_items.c.id.in_(ids)).values(available_at=then, updated_at=then)
+        )
+
+    await db.write(work)
+
+
+async def test_finished_items_are_pruned_after_the_keep_time_and_nothing_else_is(db: Database) -> None:
+    async def work(conn):
+        for i in range(6):
+            await q.enqueue(conn, "p", {"n": i}, key=f"k{i}")
+
+    await db.write(work)
+    items = await q.claim(db, "p", limit=6)
+    by_n = {i.payload["n"]: i for i in items}
+    await q.complete(db, [by_n[n].id for n in (0, 1, 2, 3)])
+    await q.fail(db, by_n[4], "bad", q.Backoff(), permanent=True)  # a dead letter
+    await q.fail(db, by_n[5], "flaky", q.Backoff())  # waiting for a retry
+    await _age(db, "p", [by_n[n].id for n in (0, 1, 4, 5)], days=8)  # 0, 1 finished 8 days ago
+
+    assert await q.prune_done(db, "p", keep_seconds=7 * 86400, chunk=1) == 2
+    assert await _states(db, "p") == {q.DONE: 2, q.DEAD: 1, q.READY: 1}
+    assert await q.get(db, by_n[0].id) is None and await q.get(db, by_n[2].id) is not None
+
+    async def again(conn):
+        return [await q.enqueue(conn, "p", {"n": n}, key=f"k{n}") for n in (0, 2)]
+
+    # A key still kept dedupes; a pruned one is queued afresh.
+    assert await db.write(again) == [True, False]
+    assert await q.prune_done(db, "other", keep_seconds=0) == 0
+
+
+@pytest.mark.parametrize(("hours", "seconds"), [(0, None), (168, 604800.0), (0.5, 1800.0)])
+def test_keep_done_hours(hours: float, seconds: float | None) -> None:
+    assert q.keep_done_seconds(hours) == seconds
+
+
+async def test_a_worker_prunes_its_finished_items(db: Database) -> None:
+    await put(db, "w", 5)
+    await put(db, "x", 1)
+    await q.complete(db, [i.id for i in await q.claim(db, "x")])  # another queue's: kept
+    handled: list[int] = []
+
+    async def handler(item: q.Item) -> None:
+        handled.append(item.payload["n"])
+
+    worker = Worker(db, "w", handler, idle_poll=0.02, keep_done=0.0, prune_every=0.0)
+    task = asyncio.create_task(worker.run())
+    for _ in range(250):
+        if len(handled) == 5 and await _states(db, "w") == {}:
+            break
+        await asyncio.sleep(0.02)
+    worker.stop()
+    await task
+    assert sorted(handled) == [0, 1, 2, 3, 4]
+    assert await _states(db, "w") == {}
+    assert await _states(db, "x") == {q.DONE: 1}
