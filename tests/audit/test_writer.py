@@ -343,3 +343,33 @@ async def test_sqlite_audit_wal_is_checkpointed_so_it_stops_growing(
     wal = os.path.getsize(path + "-wal")
     assert bodies > 2_000_000
     assert wal < bodies / 4, f"WAL {wal} bytes after {bodies} bytes of events"
+
+
+async def test_sqlite_audit_wal_stays_bounded_under_writes_that_never_pause(
+    backend: str, db: Database, make_record: Make
+) -> None:
+    """With no pause in the writes a background checkpoint never catches the log's end, so
+    the log would never start again from the beginning; past its limit the writer's own
+    thread must checkpoint once more, or the WAL grows with every record written."""
+    if backend != "sqlite":
+        pytest.skip("SQLite's write-ahead log")
+    from sharedcare.store.db import sqlite_path
+
+    path = sqlite_path(db.url)
+    assert path is not None
+    writer = AuditWriter(db)
+    assert writer._sqlite is not None
+    writer._sqlite.CHECKPOINT_ROWS = 20
+    writer._sqlite.WAL_LIMIT_PAGES = 100  # 400 KB
+    await writer.start()
+    try:
+        for _ in range(60):  # 1,200 records, ~4 KB each, back to back
+            await asyncio.gather(*(writer.record(make_record()) for _ in range(20)))
+    finally:
+        await writer.stop()
+    async with db.read() as conn:
+        written = (await conn.execute(select(func.count()).select_from(audit_events))).scalar_one()
+        bodies = (await conn.execute(select(func.sum(func.length(audit_events.c.body))))).scalar_one()
+    wal = os.path.getsize(path + "-wal")
+    assert written == 1200
+    assert wal < bodies / 4, f"WAL {wal} bytes after {bodies} bytes of events"
