@@ -8,7 +8,8 @@ Every call returns a :class:`Fetched` value, never raises: a provider that times
 refuses connections, answers an HTTP error or something that is not FHIR JSON, or whose
 breaker is open, becomes a failure with a *class* (``timeout``, ``unavailable``,
 ``error``, ``invalid``, ``circuit_open``) and a message fit for a consumer: no stack
-trace, no internal URL.
+trace, no internal URL. A timeout the hub caused, by asking with less than
+``FAIR_SHARE`` of the wait left, is counted as ``hub_busy`` and never opens the breaker.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ log = structlog.get_logger("sharedcare.query")
 MAX_PROVIDER_BODY = 64 * 1024 * 1024  # a searchset page larger than this is not a sane answer
 _FHIR_ACCEPT = {"Accept": "application/fhir+json"}
 READ_BUFSIZE = 256 * 1024
+FAIR_SHARE = 0.5  # a provider asked with less than this share of the wait left is not blamed
 _ENCODED = re.compile(r"https?://[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=%]+")
 
 
@@ -72,6 +74,10 @@ class Breaker:
 
     def success(self) -> None:
         self.failures = 0
+        self.trial = False
+
+    def abandon(self) -> None:
+        """A request that says nothing about the provider (a trial may be let through again)."""
         self.trial = False
 
     def failure(self, now: float) -> None:
@@ -152,7 +158,20 @@ class ProviderClients:
         counts against the breaker.
         """
         now = time.perf_counter()
-        allowed = wait if deadline is None else max(0.0, min(wait, deadline - now))
+        allowed = wait if deadline is None else min(wait, deadline - now)
+        if allowed <= 0:
+            record_provider(provider, "hub_busy", None)
+            return Fetched(
+                provider,
+                failure="timeout",
+                message=f"the hub was too busy to ask it within the {round(wait * 1000)} ms wait",
+                sent_at=now,
+                done_at=now,
+            )
+        # The hub used most of the wait before asking: a timeout is then not held against
+        # the provider (its breaker and timeout count), or a busy hub would open every
+        # provider's breaker.
+        hub_late = allowed < wait * FAIR_SHARE
         breaker = self.breaker(provider)
         if not breaker.allow(time.monotonic()):
             record_provider(provider, "circuit_open", None)
@@ -187,6 +206,15 @@ class ProviderClients:
         except (TimeoutError, aiohttp.ServerTimeoutError):
             result.failure = "timeout"
             result.message = f"it did not answer within {round(wait * 1000)} ms"
+            if hub_late:
+                result.message = (
+                    f"it did not answer in the {round(allowed * 1000)} ms left of the "
+                    f"{round(wait * 1000)} ms wait when the hub, busy, got to ask it"
+                )
+                result.done_at = time.perf_counter()
+                record_provider(provider, "hub_busy", None)
+                breaker.abandon()
+                return result
         except _Invalid as exc:
             result.failure = "invalid"
             result.message = str(exc)
