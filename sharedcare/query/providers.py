@@ -76,8 +76,13 @@ class Breaker:
         self.failures = 0
         self.trial = False
 
+    @property
+    def is_open(self) -> bool:
+        """Open or half-open: only a trial request is let through."""
+        return self.failures >= self.threshold
+
     def abandon(self) -> None:
-        """A request that says nothing about the provider (a trial may be let through again)."""
+        """The trial request ended without an answer either way: let another one through."""
         self.trial = False
 
     def failure(self, now: float) -> None:
@@ -148,12 +153,15 @@ class ProviderClients:
         request_id: str | None = None,
         check: Callable[[Any], str | None] | None = None,
         deadline: float | None = None,
+        excuse_late: bool = True,
     ) -> Fetched:
         """GET ``url`` from ``provider`` within ``wait`` seconds; always returns.
 
         ``deadline`` (a ``time.perf_counter()`` instant) ends the wait earlier: the federated
         query counts the wait from when the hub received the consumer's request, so the
-        consumer's own wait is bounded by it. ``check(body)`` returns why a parsed 2xx body
+        consumer's own wait is bounded by it; with ``excuse_late`` (the hub's own work is
+        all that came before this request), a timeout after the hub left the provider less
+        than ``FAIR_SHARE`` of the wait is ``hub_busy``. ``check(body)`` returns why a parsed 2xx body
         is unusable (None when it is fine); an unusable body is an ``invalid`` failure, which
         counts against the breaker.
         """
@@ -170,10 +178,10 @@ class ProviderClients:
             )
         # The hub used most of the wait before asking: a timeout is then not held against
         # the provider (its breaker and timeout count), or a busy hub would open every
-        # provider's breaker.
-        hub_late = allowed < wait * FAIR_SHARE
+        # provider's breaker. Such a request is never an open breaker's trial either.
+        hub_late = excuse_late and allowed < wait * FAIR_SHARE
         breaker = self.breaker(provider)
-        if not breaker.allow(time.monotonic()):
+        if (hub_late and breaker.is_open) or not breaker.allow(time.monotonic()):
             record_provider(provider, "circuit_open", None)
             return Fetched(
                 provider,
@@ -182,6 +190,7 @@ class ProviderClients:
                 sent_at=now,
                 done_at=now,
             )
+        trial = breaker.trial
         result = Fetched(provider, sent_at=now)
         headers = {"X-Request-ID": request_id} if request_id else None
         try:
@@ -213,8 +222,11 @@ class ProviderClients:
                 )
                 result.done_at = time.perf_counter()
                 record_provider(provider, "hub_busy", None)
-                breaker.abandon()
                 return result
+        except asyncio.CancelledError:
+            if trial:  # the consumer went away mid-trial: let the next request be the trial
+                breaker.abandon()
+            raise
         except _Invalid as exc:
             result.failure = "invalid"
             result.message = str(exc)

@@ -458,6 +458,7 @@ class Federation:
                 wait,
                 check=check_resource("Patient", local),
                 deadline=deadline,
+                excuse_late=False,  # the wait went on this provider's first answer, not the hub
             )
             if not got.ok:
                 raise _read_failure(provider, None, "Patient", local, got)
