@@ -95,6 +95,8 @@ async def housekeeping(
                 pruned = await queue.prune_done(messaging.db, PUSH_QUEUE, keep_done)
                 if pruned:
                     log.info("pruned finished queue items", queue=PUSH_QUEUE, items=pruned)
+                if pruned >= queue.PRUNE_MOST:  # a backlog of old pushes: go on next round
+                    prune_at = 0.0
         except Exception:
             log.exception("pruning finished message pushes failed")
         try:  # on its own: a failed VACUUM must not stop mailbox expiry, nor the reverse

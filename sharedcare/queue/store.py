@@ -353,39 +353,45 @@ def keep_done_seconds(hours: float) -> float | None:
     return hours * 3600.0 if hours > 0 else None
 
 
+PRUNE_MOST = 20_000  # items one prune_done call deletes at most
+
+
 async def prune_done(
-    db: Database, queue: str, keep_seconds: float, *, chunk: int = 1000, most: int = 20_000
+    db: Database, queue: str, keep_seconds: float, *, chunk: int = 1000, most: int = PRUNE_MOST
 ) -> int:
     """Delete ``queue``'s finished (done) items older than ``keep_seconds``; returns how many.
 
     Done items are kept a while so that an idempotency key seen recently still dedupes and
     an operator can look an item up; after that they are only weight in every claim's
     index. Deleted in chunks of ``chunk`` (each its own short transaction, so the SQLite
-    writer is never held long), at most ``most`` per call. Dead-lettered items are never
-    pruned: they wait for an operator.
+    writer is never held long), at most about ``most`` per call: a caller that gets
+    ``most`` or more back should call again soon. Dead-lettered items are never pruned:
+    they wait for an operator.
     """
     before = now_utc() - timedelta(seconds=keep_seconds)
     q = queue_items.c
-    # available_at narrows by the claim index (queue, state, available_at); updated_at is
+    # In the claim index's order (queue, state, available_at, id), so a chunk is read off
+    # the index and stops at the limit however many old items there are; updated_at is
     # when the item finished.
     oldest = (
         select(q.id)
         .where(q.queue == queue, q.state == DONE, q.available_at < before, q.updated_at < before)
-        .order_by(q.id)
+        .order_by(q.available_at, q.id)
         .limit(chunk)
     )
 
-    async def work(conn: AsyncConnection) -> int:
+    async def work(conn: AsyncConnection) -> tuple[int, int]:
         ids = [row[0] for row in (await conn.execute(oldest)).all()]
-        if ids:
-            await conn.execute(queue_items.delete().where(q.id.in_(ids), q.state == DONE))
-        return len(ids)
+        if not ids:
+            return 0, 0
+        gone = await conn.execute(queue_items.delete().where(q.id.in_(ids), q.state == DONE))
+        return len(ids), int(gone.rowcount or 0)  # another process may have taken some
 
     deleted = 0
-    while deleted < most:
-        n = await db.write(work)
-        deleted += n
-        if n < chunk:
+    for _ in range(max(1, most // chunk)):
+        found, gone = await db.write(work)
+        deleted += gone
+        if found < chunk:
             break
     return deleted
 

@@ -139,6 +139,8 @@ class Worker:
         else:
             if pruned:
                 log.info("pruned finished queue items", queue=self.queue, items=pruned)
+            if pruned >= q.PRUNE_MOST:  # a backlog of old items: go on at the next poll
+                self._pruned_at = 0.0
 
     def stop(self) -> None:
         self._stopping = True

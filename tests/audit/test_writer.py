@@ -363,7 +363,7 @@ async def test_sqlite_audit_wal_stays_bounded_under_writes_that_never_pause(
     writer._sqlite.WAL_LIMIT_PAGES = 100  # 400 KB
     await writer.start()
     try:
-        for _ in range(60):  # 1,200 records, ~4 KB each, back to back
+        for _ in range(150):  # 3,000 records, ~4 KB each, back to back
             await asyncio.gather(*(writer.record(make_record()) for _ in range(20)))
     finally:
         await writer.stop()
@@ -371,5 +371,7 @@ async def test_sqlite_audit_wal_stays_bounded_under_writes_that_never_pause(
         written = (await conn.execute(select(func.count()).select_from(audit_events))).scalar_one()
         bodies = (await conn.execute(select(func.sum(func.length(audit_events.c.body))))).scalar_one()
     wal = os.path.getsize(path + "-wal")
-    assert written == 1200
-    assert wal < bodies / 4, f"WAL {wal} bytes after {bodies} bytes of events"
+    assert written == 3000
+    # Bounded by the limit plus what arrives while one background checkpoint runs (about
+    # 1.5 MB on a slow machine); without the catch-up the WAL is about 0.8 x the bodies.
+    assert wal < bodies / 3, f"WAL {wal} bytes after {bodies} bytes of events"
