@@ -697,7 +697,7 @@ def main() -> None:
                 # How the slow provider's requests ended: only queries that asked it and
                 # waited (timeout) test the deadline; the rest found its breaker open.
                 "slow_provider_outcomes": {k: int(n) for k, n in asked.items() if n},
-                "waited_share": asked.get("timeout", 0.0) / max(1, got["ok"] + sum(got["errors"].values())),
+                "waited_share": (asked.get("timeout", 0.0) + asked.get("hub_busy", 0.0)) / max(1, got["ok"] + sum(got["errors"].values())),
             }  # fmt: skip
     print_report(report, args)
     path = write_json(RESULTS_DIR / f"sync-query-{args.backend}-{timestamp()}.json", report)
