@@ -98,7 +98,8 @@ idx_string = Table(
     Column("param", String(64), nullable=False),
     Column("norm", SortableText, nullable=False),
     Column("exact", String, nullable=False),
-    Index("ix_idx_string_lookup", "type", "param", "norm"),
+    # rid too: a string clause finds its ids in the index alone (migration 0007).
+    Index("ix_idx_string_lookup", "type", "param", "norm", "rid"),
     Index("ix_idx_string_rid", "rid"),
 )
 
