@@ -251,8 +251,11 @@ def _value_sql(table: Any, shape: ValueShape, b: list[BindParameter[Any]]) -> Co
     return c.value == b[0]
 
 
-def _clause_sql(rtype: str, clause: ClauseShape, binds: _Binds) -> ColumnElement[bool]:
-    """One AND-ed clause as a condition on ``resources``."""
+def _clause_sql(
+    rtype: str, clause: ClauseShape, binds: _Binds
+) -> ColumnElement[bool] | Select[Any]:
+    """One AND-ed clause as a condition on ``resources``, or, for a plain match in an index
+    table, the subquery of the matching ids (:func:`_statements` nests those)."""
     name, kind, modifier, shapes = clause
     r = resources.c
     if kind is None:  # _id / _lastUpdated: every resource has both
@@ -273,7 +276,22 @@ def _clause_sql(rtype: str, clause: ClauseShape, binds: _Binds) -> ColumnElement
     subquery = select(table.c.rid).where(scoped, matches)
     if modifier == "not":  # search.html#modifiers: resources without a matching token
         return r.rid.not_in(subquery)
-    return r.rid.in_(subquery)
+    return subquery
+
+
+def _nested(subqueries: list[Select[Any]]) -> Select[Any]:
+    """``rid IN (a) AND rid IN (b)`` as ``rid IN (a WHERE rid IN (b))``.
+
+    The same set, but PostgreSQL then joins the clauses' ids from the indexes alone (a hash
+    semi-join of two index-only scans) and reads ``resources`` only for ids in both, where
+    two separate INs made it read the table row of every match of the first clause: with
+    200,000 Patients, ``family=lew&given=mo`` went from 31-41 to 5.5 ms, its count from
+    42 to 5 ms.
+    """
+    inner = subqueries[-1]
+    for outer in reversed(subqueries[:-1]):
+        inner = outer.where(outer.selected_columns[0].in_(inner))
+    return inner
 
 
 @dataclass(slots=True)
@@ -284,12 +302,25 @@ class _Statements:
 
 
 @lru_cache(maxsize=1024)
-def _statements(shape: tuple[Any, ...]) -> _Statements:
+def _statements(shape: tuple[Any, ...], nest: bool = False) -> _Statements:
+    """The page and count statements of a search shape; ``nest``: the index clauses as one
+    nested subquery (PostgreSQL, :func:`_nested`) rather than one IN each (SQLite, whose
+    planner measured 67 against 42 name searches/s the other way round)."""
     rtype, clauses, sort_desc, backwards, cursor = shape
     binds = _Binds()
     r = resources.c
     where: list[ColumnElement[bool]] = [r.type == rtype, r.deleted == false()]
-    where.extend(_clause_sql(rtype, c, binds) for c in clauses)
+    subqueries: list[Select[Any]] = []
+    for clause in clauses:  # in order: each takes its bind parameters in turn
+        sql = _clause_sql(rtype, clause, binds)
+        if isinstance(sql, Select):
+            subqueries.append(sql)
+        else:
+            where.append(sql)
+    if nest and subqueries:
+        where.append(r.rid.in_(_nested(subqueries)))
+    else:
+        where.extend(r.rid.in_(sub) for sub in subqueries)
     descending = bool(sort_desc) != backwards
     cols = [r.rid] if sort_desc is None else [r.last_updated, r.rid]
     order = [col.desc() if descending else col.asc() for col in cols]
@@ -319,6 +350,7 @@ class _Rows:
 
     def __init__(self, conn: Any) -> None:
         self.conn = conn
+        self.postgresql = conn.dialect.name == "postgresql"
 
     async def rows(
         self, stmt: Any, values: dict[str, Any] | None = None
@@ -335,7 +367,8 @@ class _DriverRows(_Rows):
     """Runs statements on a bare asyncpg connection, compiled for PostgreSQL once per shape."""
 
     def __init__(self, conn: Any, dialect: Dialect) -> None:
-        super().__init__(conn)
+        self.conn = conn
+        self.postgresql = True
         self.dialect = dialect
 
     async def rows(
@@ -386,7 +419,7 @@ async def run_search(
 async def _run(ex: _Rows, plan: SearchPlan, base_url: str) -> SearchPage:
     backwards = plan.cursor is not None and plan.cursor[0] == "before"
     shape, values = _shape(plan, base_url, backwards)
-    stmts = _statements(shape)
+    stmts = _statements(shape, ex.postgresql)
     rows = await ex.cached_rows(stmts, "page", values) if plan.count else []
     more = len(rows) > plan.count
     hits = [Hit(*row) for row in rows[: plan.count]]
