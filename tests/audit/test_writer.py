@@ -311,12 +311,8 @@ async def test_auditors_find_events_through_fhir_search(
     assert failures == []
 
 
-async def test_sqlite_audit_wal_is_checkpointed_so_it_stops_growing(
-    backend: str, db: Database, make_record: Make
-) -> None:
-    """The writer's SQLite connection never checkpoints in a commit (that cost fell on one
-    audit commit in a hundred); its background checkpoints must still keep the WAL file
-    from growing with the trail, or an operator's disk fills with a log nobody reads."""
+async def _sqlite_writer(backend: str, db: Database, **limits: int) -> tuple[AuditWriter, str]:
+    """A started writer on SQLite that checkpoints every 20 records, and its database file."""
     if backend != "sqlite":
         pytest.skip("SQLite's write-ahead log")
     from sharedcare.store.db import sqlite_path
@@ -326,7 +322,25 @@ async def test_sqlite_audit_wal_is_checkpointed_so_it_stops_growing(
     writer = AuditWriter(db)
     assert writer._sqlite is not None
     writer._sqlite.CHECKPOINT_ROWS = 20
+    for name, value in limits.items():
+        setattr(writer._sqlite, name, value)
     await writer.start()
+    return writer, path
+
+
+async def _event_bytes(db: Database) -> int:
+    async with db.read() as conn:
+        return int((await conn.execute(select(func.sum(func.length(audit_events.c.body))))).scalar_one())
+
+
+async def test_sqlite_audit_wal_is_checkpointed_so_it_stops_growing(
+    backend: str, db: Database, make_record: Make
+) -> None:
+    """The writer's SQLite connection never checkpoints in a commit (that cost fell on one
+    audit commit in a hundred); its background checkpoints must still keep the WAL file
+    from growing with the trail, or an operator's disk fills with a log nobody reads."""
+    writer, path = await _sqlite_writer(backend, db)
+    assert writer._sqlite is not None
     try:
         for _ in range(30):  # 600 records, ~4 KB each: 2.4 MB of events
             await asyncio.gather(*(writer.record(make_record()) for _ in range(20)))
@@ -338,8 +352,7 @@ async def test_sqlite_audit_wal_is_checkpointed_so_it_stops_growing(
                     break
     finally:
         await writer.stop()
-    async with db.read() as conn:
-        bodies = (await conn.execute(select(func.sum(func.length(audit_events.c.body))))).scalar_one()
+    bodies = await _event_bytes(db)
     wal = os.path.getsize(path + "-wal")
     assert bodies > 2_000_000
     assert wal < bodies / 4, f"WAL {wal} bytes after {bodies} bytes of events"
@@ -351,25 +364,14 @@ async def test_sqlite_audit_wal_stays_bounded_under_writes_that_never_pause(
     """With no pause in the writes a background checkpoint never catches the log's end, so
     the log would never start again from the beginning; past its limit the writer's own
     thread must checkpoint once more, or the WAL grows with every record written."""
-    if backend != "sqlite":
-        pytest.skip("SQLite's write-ahead log")
-    from sharedcare.store.db import sqlite_path
-
-    path = sqlite_path(db.url)
-    assert path is not None
-    writer = AuditWriter(db)
-    assert writer._sqlite is not None
-    writer._sqlite.CHECKPOINT_ROWS = 20
-    writer._sqlite.WAL_LIMIT_PAGES = 100  # 400 KB
-    await writer.start()
+    writer, path = await _sqlite_writer(backend, db, WAL_LIMIT_PAGES=100)  # 400 KB
     try:
         for _ in range(150):  # 3,000 records, ~4 KB each, back to back
             await asyncio.gather(*(writer.record(make_record()) for _ in range(20)))
     finally:
         await writer.stop()
-    async with db.read() as conn:
-        written = (await conn.execute(select(func.count()).select_from(audit_events))).scalar_one()
-        bodies = (await conn.execute(select(func.sum(func.length(audit_events.c.body))))).scalar_one()
+    written = await audit_count(db)
+    bodies = await _event_bytes(db)
     wal = os.path.getsize(path + "-wal")
     assert written == 3000
     # Bounded by the limit plus what arrives while one background checkpoint runs (about
