@@ -37,6 +37,11 @@ class BundleWriter:
             raw = raw[:-1] + (b',"resource":' if len(raw) > 2 else b'"resource":') + resource + b"}"
         self.entries.append(raw)
 
+    def add_rendered(self, entries: bytes) -> None:
+        """Add entries already rendered as JSON objects joined by commas (nothing for b"")."""
+        if entries:
+            self.entries.append(entries)
+
     def render(self) -> bytes:
         head: dict[str, Any] = {
             "resourceType": "Bundle",

