@@ -1248,6 +1248,7 @@ request = function()
   i = i + 1
   return wrk.format("GET", paths[(i %% #paths) + 1], headers)
 end
+%(pace)s
 done = function(summary, latency, requests)
   local e = summary.errors
   io.write(string.format(
@@ -1255,6 +1256,51 @@ done = function(summary, latency, requests)
     "\\"max_us\\": %%d, \\"connect\\": %%d, \\"read\\": %%d, \\"write\\": %%d, \\"status\\": %%d, \\"timeout\\": %%d}\\n",
     summary.requests, summary.duration, summary.bytes, latency:percentile(50), latency:percentile(99),
     latency.max, e.connect, e.read, e.write, e.status, e.timeout))
+  if paced_counts then paced_counts() end
+end
+"""
+
+
+# Open loop at a fixed rate: every request takes the next slot of one timetable
+# (start + k / rate), whichever connection is free to send it; wrk waits (delay) until then.
+_WRK_PACE = """
+local ffi = require("ffi")
+ffi.cdef[[
+typedef struct { long tv_sec; long tv_nsec; } sharedcare_ts;
+int clock_gettime(int clk, sharedcare_ts *ts);
+]]
+local ts = ffi.new("sharedcare_ts")
+local function now_ms()
+  ffi.C.clock_gettime(1, ts)
+  return tonumber(ts.tv_sec) * 1000 + tonumber(ts.tv_nsec) / 1e6
+end
+-- What a Python client would check too: 4xx, 5xx, and merged answers naming an impaired
+-- provider (an OperationOutcome entry), counted in each thread and summed in done().
+local threads = {}
+setup = function(thread) table.insert(threads, thread) end
+partial, s4xx, s5xx = 0, 0, 0
+response = function(status, headers, body)
+  if status >= 500 then s5xx = s5xx + 1
+  elseif status >= 400 then s4xx = s4xx + 1
+  elseif body:find('"mode":"outcome"', 1, true) then partial = partial + 1 end
+end
+function paced_counts()
+  local p, a, b = 0, 0, 0
+  for _, t in ipairs(threads) do
+    p = p + t:get("partial"); a = a + t:get("s4xx"); b = b + t:get("s5xx")
+  end
+  io.write(string.format("WRK-PACED {\\"partial\\": %%d, \\"4xx\\": %%d, \\"5xx\\": %%d}\\n", p, a, b))
+end
+local interval_ms = %(interval_ms)s
+local start_ms = nil
+local slot = 0
+delay = function()
+  local now = now_ms()
+  if start_ms == nil then start_ms = now end
+  local at = start_ms + slot * interval_ms
+  slot = slot + 1
+  if at <= now then return 0 end
+  return math.floor(at - now + 0.5)
 end
 """
 
@@ -1268,12 +1314,17 @@ class Wrk:
     ``Authorization: <auth>``; non-2xx answers count as errors.
     """
 
-    def __init__(self, base: str, paths: Sequence[str], auth: str):
+    def __init__(self, base: str, paths: Sequence[str], auth: str, rate: float | None = None):
+        """``rate``: open loop at that many requests a second (see ``_WRK_PACE``); None is
+        closed loop, as fast as the connections go."""
         self.base = base.rstrip("/")
         self.dir = Path(tempfile.mkdtemp(prefix="sharedcare-wrk-"))
         self.script = self.dir / "paths.lua"
         quoted = ", ".join(json.dumps(p) for p in paths)
-        self.script.write_text(_WRK_SCRIPT % {"paths": quoted, "auth": json.dumps(auth)})
+        pace = _WRK_PACE % {"interval_ms": repr(1000.0 / rate)} if rate else ""
+        self.script.write_text(
+            _WRK_SCRIPT % {"paths": quoted, "auth": json.dumps(auth), "pace": pace}
+        )
         self.proc: subprocess.Popen[str] | None = None
 
     @staticmethod
@@ -1309,7 +1360,21 @@ class Wrk:
             "failed": failed,
             "statuses": {"non-2xx": int(non2xx.group(1)) if non2xx else 0, "socket errors": errors},
             "client": "wrk",
+            "errors": {
+                "connect": got["connect"] + got["read"] + got["write"],
+                "timeout": got["timeout"],
+            },
+            **self._paced(out),
         }
+
+    @staticmethod
+    def _paced(out: str) -> dict[str, Any]:
+        """Open loop only: 4xx, 5xx and partial answers, as the Python load client counts them."""
+        line = next((ln for ln in out.splitlines() if ln.startswith("WRK-PACED ")), None)
+        if line is None:
+            return {}
+        got = json.loads(line.removeprefix("WRK-PACED "))
+        return {"partial": got["partial"], "4xx": got["4xx"], "5xx": got["5xx"]}
 
     def close(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

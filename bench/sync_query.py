@@ -11,18 +11,20 @@ Phases:
 
 1. **saturation**: closed loop, ``--concurrency`` queries in flight (bench/common.py's load
    process): the throughput the node sustains;
-2. **25 / 50 / 75 %** of that rate, open loop (``sharedcare.simulators.loadtest``): end-to-end
-   p50/p99 from the client, and the hub's internal round trip p50/p99 (its own time excluding
-   providers, from its ``sharedcare_query_internal_round_trip_seconds`` histogram);
+2. **25 / 50 / 75 %** of that rate, open loop: end-to-end p50/p99 from the client, and the
+   hub's internal round trip p50/p99 (its own time excluding providers, from its
+   ``sharedcare_query_internal_round_trip_seconds`` histogram). wrk on a fixed timetable
+   when installed (``bench/common.py``'s paced Wrk), else ``sharedcare.simulators.loadtest``;
+   each level reports the CPU every party used;
 3. **one provider 2 s slow** at 50 %: that provider moved to a server answering after
    ``--slow-s``; end-to-end p99 must stay within the wait (1500 ms) + 50 ms.
 
     python bench/sync_query.py [--backend postgresql|sqlite] [--workers 2] [--duration 10] [--profile]
         [--python-client] [--assume-saturation R] [--phases saturation,levels,slow]
 
-The saturation phase is driven by wrk when it is installed (``apt-get install wrk``): a C
-client leaves the 2 cores to the hub; ``--python-client`` uses the Python load process
-instead. ``--assume-saturation R`` skips that phase and runs the levels at fractions of R.
+Every phase is driven by wrk when it is installed (``apt-get install wrk``): a C client
+leaves the 2 cores to the hub (at 50 % the Python load client used 0.26-0.33 cores, wrk
+0.06-0.11); ``--python-client`` uses the Python load processes instead. ``--assume-saturation R`` skips that phase and runs the levels at fractions of R.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ from common import (
     free_port,
     log,
     machine_info,
+    pids_named,
     pids_with_cmdline,
     print_table,
     summarise_profile,
@@ -449,6 +452,34 @@ def open_loop(
     return result
 
 
+def paced_wrk(
+    hub: Hub,
+    paths: tuple[str, ...],
+    rate: float,
+    duration: float,
+    token: LoadToken,
+    longest_s: float = 0.5,
+) -> dict[str, Any]:
+    """:func:`open_loop` driven by wrk on a fixed timetable: the same figures, with the
+    client's CPU (a C client's, a fifth of the Python one's at 50 %) not taken from the
+    hub on a 2-core machine. The keys are the Python load client's."""
+    connections = max(64, math.ceil(rate * longest_s * 1.5))
+    wrk = Wrk(hub.base, paths, token.header(), rate=rate)
+    try:
+        got = wrk.run(connections, duration)
+    finally:
+        wrk.close()
+    errors = {**got["errors"], "4xx": got.get("4xx", 0), "5xx": got.get("5xx", 0)}
+    return {
+        "achieved_rate": got["rate_per_s"],
+        "ok": got["requests"] - sum(errors.values()),
+        "errors": errors,
+        "partial": got.get("partial", 0),
+        "latency_ms": got["latency_ms"],
+        "client": "wrk (paced)",
+    }
+
+
 def print_report(report: dict[str, Any], args: Any) -> None:
     sat = report["saturation"]
     saturation = sat["rate"]
@@ -529,7 +560,7 @@ def main() -> None:
     parser.add_argument(
         "--python-client",
         action="store_true",
-        help="drive the saturation phase with the Python load process even when wrk is installed",
+        help="drive every phase with the Python load processes even when wrk is installed",
     )
     parser.add_argument(
         "--assume-saturation",
@@ -660,16 +691,28 @@ def main() -> None:
             wait_for_quiet()
             rate = max(1.0, saturation * fraction)
             before = internal_buckets(hub)
-            got = open_loop(hub, paths, rate, args.duration, token)
+            # The open-loop client: wrk, or this process's only multiprocessing child here.
+            meter = CpuMeter(
+                {
+                    **groups,
+                    "client": lambda: pids_named("wrk") + [c.pid for c in mp.active_children()],
+                }
+            )
+            meter.start()
+            got = (paced_wrk if use_wrk else open_loop)(hub, paths, rate, args.duration, token)
+            level_cpu = meter.stop()
             after = internal_buckets(hub)
             level = {
                 "fraction": fraction, "rate": rate, "achieved": got["achieved_rate"], "ok": got["ok"],
                 "errors": got["errors"], "partial": got["partial"], "e2e_ms": got["latency_ms"],
                 "internal_p50_ms": quantile(before, after, 0.5), "internal_p99_ms": quantile(before, after, 0.99),
+                "cpu": level_cpu,
             }  # fmt: skip
             levels.append(level)
             log(
-                f"{fraction:.0%}: {rate:.0f}/s e2e p99 {got['latency_ms']['p99']} ms, internal p99 {level['internal_p99_ms']}"
+                f"{fraction:.0%}: {rate:.0f}/s e2e p99 {got['latency_ms']['p99']} ms, internal p99 {level['internal_p99_ms']}, "
+                f"cores: hub {level_cpu.get('hub_cores')} client {level_cpu.get('client_cores')} "
+                f"postgres {level_cpu.get('postgres_cores')} machine {level_cpu.get('machine_busy_cores')}"
             )
         report["levels"] = levels
 
@@ -683,7 +726,7 @@ def main() -> None:
                 rate = max(1.0, saturation * 0.5)
                 before = internal_buckets(hub)
                 asked_before = provider_outcomes(hub, PROVIDERS[2])
-                got = open_loop(
+                got = (paced_wrk if use_wrk else open_loop)(
                     hub, paths, rate, args.duration, token, longest_s=args.wait_ms / 1000
                 )
                 after = internal_buckets(hub)
