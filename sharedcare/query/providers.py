@@ -46,8 +46,8 @@ class Fetched:
     failure: str | None = None  # timeout | unavailable | error | invalid | circuit_open
     message: str = ""
     seconds: float | None = None  # external round trip (None when never sent)
-    sent_at: float = 0.0
-    done_at: float = 0.0
+    sent_at: float = 0.0  # perf_counter() when the request went
+    done_at: float = 0.0  # ... when the answer's last byte arrived, or the request ended
 
     @property
     def ok(self) -> bool:
@@ -200,6 +200,9 @@ class ProviderClients:
                     if response.content_length and response.content_length > MAX_PROVIDER_BODY:
                         raise _Invalid("its answer is too large")
                     raw = await response.read()
+            # The provider's part ends with its last byte: parsing and checking the answer
+            # are the hub's own time (the internal round trip), not the provider's.
+            result.done_at = time.perf_counter()
             if result.status >= 400:
                 result.failure = "error"
                 result.message = f"it answered HTTP {result.status}"
@@ -234,7 +237,7 @@ class ProviderClients:
             result.failure = "unavailable"
             result.message = "the hub could not reach it"
             log.info("provider unreachable", provider=provider, error=type(exc).__name__)
-        result.done_at = time.perf_counter()
+        result.done_at = result.done_at or time.perf_counter()
         result.seconds = result.done_at - now
         self.settle(result)
         return result
