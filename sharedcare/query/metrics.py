@@ -17,7 +17,9 @@ Metric                                              Type       Meaning
 ``sharedcare_query_internal_round_trip_max_seconds`` gauge     Largest internal round trip of the last
                                                                10 minutes (max over live processes).
 ``sharedcare_query_provider_round_trip_seconds``    histogram  External round trip per ``provider``:
-                                                               request sent → body read or failure.
+                                                               request sent → last byte of the answer
+                                                               read, or the failure (parsing it is
+                                                               the hub's time).
 ``sharedcare_query_provider_round_trip_max_seconds`` gauge     Largest external round trip of the last
                                                                10 minutes, by ``provider``.
 ``sharedcare_query_provider_requests_total``        counter    Requests to providers by ``provider`` and
