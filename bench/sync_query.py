@@ -23,8 +23,9 @@ Phases:
         [--python-client] [--assume-saturation R] [--phases saturation,levels,slow]
 
 Every phase is driven by wrk when it is installed (``apt-get install wrk``): a C client
-leaves the 2 cores to the hub (at 50 % the Python load client used 0.26-0.33 cores, wrk
-0.06-0.11); ``--python-client`` uses the Python load processes instead. ``--assume-saturation R`` skips that phase and runs the levels at fractions of R.
+leaves the 2 cores to the hub (at 50 % the Python load client used 0.26-0.33 cores, paced
+wrk 0.11-0.14); ``--python-client`` uses the Python load processes instead.
+``--assume-saturation R`` skips that phase and runs the levels at fractions of R.
 """
 
 from __future__ import annotations
