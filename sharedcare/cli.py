@@ -160,6 +160,7 @@ def run_server(settings: Settings) -> None:
         log_config=None,
         access_log=False,
         lifespan="on",
+        timeout_keep_alive=settings.http_keepalive_seconds,
     )
 
 

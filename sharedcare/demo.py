@@ -170,6 +170,7 @@ async def _serve(
         access_log=False,
         ws="none",
         timeout_graceful_shutdown=3,
+        timeout_keep_alive=settings.http_keepalive_seconds,
     )
     server = uvicorn.Server(config)
     serving = asyncio.create_task(server.serve(sockets=[sock]))

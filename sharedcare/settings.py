@@ -48,6 +48,16 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="Interface `sharedcare serve` listens on.")
     port: int = Field(8080, ge=0, le=65535, description="TCP port `sharedcare serve` listens on.")
     workers: int = Field(1, ge=1, le=64, description="Hub worker processes for `serve`.")
+    http_keepalive_seconds: float = Field(
+        75.0,
+        gt=0,
+        le=3600,
+        description=(
+            "How long `serve` keeps an idle client connection open. Keep it above the idle "
+            "timeout of any load balancer in front (60 s on many), or the hub may close a "
+            "connection just as the balancer sends a request on it."
+        ),
+    )
     base_url: str | None = Field(
         None,
         description="Public base URL used in links and fullUrls. Unset: http://HOST:PORT.",

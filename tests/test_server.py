@@ -155,3 +155,53 @@ def test_a_worker_that_dies_is_replaced_and_the_port_keeps_answering(settings: S
         for _ in range(20):
             with httpx.Client(timeout=30) as fresh:  # a new connection each time
                 assert fresh.get(f"{hub.url}/readyz").status_code == 200
+
+
+def _livez(conn: socket.socket) -> bytes:
+    """GET /livez on ``conn`` and read the whole answer (headers, then Content-Length bytes)."""
+    conn.settimeout(5)
+    conn.sendall(b"GET /livez HTTP/1.1\r\nHost: hub\r\n\r\n")
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += conn.recv(4096)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(
+        next(
+            line.split(b":")[1]
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length:")
+        )
+    )
+    while len(body) < length:
+        body += conn.recv(4096)
+    return head
+
+
+def _closed_by_peer(conn: socket.socket) -> bool:
+    """Whether the other end has closed ``conn`` (a FIN is waiting), without reading data."""
+    conn.settimeout(0.3)
+    try:
+        return conn.recv(1, socket.MSG_PEEK) == b""
+    except TimeoutError:
+        return False
+    except ConnectionResetError:
+        return True
+
+
+@pytest.mark.parametrize(
+    ("keepalive_s", "idle_s", "still_open"),
+    [
+        (1, 2.5, False),  # idle longer than the setting: the hub closes the connection
+        (8, 5.5, True),  # uvicorn's own default (5 s) would have closed it by then
+    ],
+)
+def test_idle_client_connections_are_kept_for_the_configured_time(
+    settings: Settings, keepalive_s: float, idle_s: float, still_open: bool
+) -> None:
+    env = {**hub_env(settings), "SHAREDCARE_HTTP_KEEPALIVE_SECONDS": str(keepalive_s)}
+    with RunningHub(env) as hub, socket.create_connection(("127.0.0.1", hub.port)) as conn:
+        assert _livez(conn).startswith(b"HTTP/1.1 200")
+        time.sleep(idle_s)
+        assert _closed_by_peer(conn) is not still_open
+        if still_open:  # and the kept connection still serves
+            assert _livez(conn).startswith(b"HTTP/1.1 200")
