@@ -54,7 +54,7 @@ from sharedcare.fhir.errors import FHIRError
 from sharedcare.registry.model import HUB
 from sharedcare.store.db import Database, configure_sqlite, sqlite_path
 
-__all__ = ["AuditWriter", "audit_unavailable"]
+__all__ = ["AuditWriter", "Ticket", "audit_unavailable"]
 
 log = structlog.get_logger("sharedcare.audit")
 
@@ -218,6 +218,31 @@ def _checkpoint(conn: sqlite3.Connection) -> tuple[int, int, int]:
 
 
 @dataclass(slots=True)
+class Ticket:
+    """A record queued by :meth:`AuditWriter.submit`, not yet known to be durable."""
+
+    future: asyncio.Future[str]
+    started: float
+    timeout: float
+    flushing: bool  # a flush started for this record: it sends once the caller yields
+
+    async def committed(self) -> str:
+        """The record's id once its transaction has committed; a 503 FHIRError if it did not."""
+        try:
+            async with asyncio.timeout(self.timeout):
+                rid = await self.future  # cancelled on timeout; see the module docstring
+        except TimeoutError:
+            raise audit_unavailable(f"the database did not commit within {self.timeout:g} s") from None
+        hot_audit_metrics().record_duration_seconds.observe(perf_counter() - self.started)
+        return rid
+
+    def abandon(self) -> None:
+        """The caller will not release: as for a caller that gave up waiting (see above)."""
+        if not self.future.done():
+            self.future.cancel()
+
+
+@dataclass(slots=True)
 class _Pending:
     row: EventRow
     outcome: int
@@ -323,6 +348,16 @@ class AuditWriter:
 
     async def record(self, record: AuditRecord) -> str:
         """Write ``record``'s AuditEvent; return its id once committed, or raise a 503."""
+        return await self.submit(record).committed()
+
+    def submit(self, record: AuditRecord) -> Ticket:
+        """Queue ``record`` without waiting; ``await ticket.committed()`` before releasing.
+
+        For a caller with CPU work left (rendering the answer): when the record started a
+        flush, one yield lets that flush send its statement, and the commit then runs while
+        the caller works instead of after. Raises the 503 at once when the writer is stopped
+        or overloaded.
+        """
         started = perf_counter()
         if not self.running:
             raise audit_unavailable("the audit writer is not running")
@@ -331,14 +366,9 @@ class AuditWriter:
             raise audit_unavailable("too many records are waiting for the database")
         future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._pending.append(_Pending(self.prepare(record), record.outcome, future))
+        flushes = len(self._in_flight)
         self._kick()
-        try:
-            async with asyncio.timeout(self.timeout):
-                rid = await future  # cancelled on timeout; see the module docstring
-        except TimeoutError:
-            raise audit_unavailable(f"the database did not commit within {self.timeout:g} s") from None
-        hot_audit_metrics().record_duration_seconds.observe(perf_counter() - started)
-        return rid
+        return Ticket(future, started, self.timeout, flushing=len(self._in_flight) > flushes)
 
     def _kick(self) -> None:
         """Start flushes while records wait and a flush slot is free (no timer, no flusher task)."""
@@ -366,10 +396,21 @@ class AuditWriter:
         return batch
 
     def _flushed(self, task: asyncio.Task[None]) -> None:
-        self._in_flight.discard(task)
-        self._kick()  # what arrived during this flush goes now, as one batch
+        if task in self._in_flight:  # a flush cancelled before it ran
+            self._in_flight.discard(task)
+            self._kick()
 
     async def _flush(self, batch: list[_Pending]) -> None:
+        try:
+            await self._write(batch)
+        finally:
+            # The slot is free as soon as the waiters are told, not a loop turn later when
+            # the task's callbacks run: a record arriving meanwhile starts its own flush
+            # (and its caller can render while it commits; see submit).
+            self._in_flight.discard(asyncio.current_task())  # type: ignore[arg-type]
+            self._kick()  # what arrived during this flush goes now, as one batch
+
+    async def _write(self, batch: list[_Pending]) -> None:
         metrics = get_audit_metrics()
         metrics.pending.set(len(self._pending))
         rows = [p.row for p in batch]

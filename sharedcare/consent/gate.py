@@ -47,7 +47,7 @@ from sharedcare.iam.context import AccessContext
 if TYPE_CHECKING:
     from starlette.types import Scope
 
-    from sharedcare.audit.writer import AuditWriter
+    from sharedcare.audit.writer import AuditWriter, Ticket
     from sharedcare.store.service import FhirService
 
 __all__ = ["Release", "ReleaseGate", "audit_refusal", "patients_of", "withheld_read"]
@@ -479,6 +479,21 @@ class Release:
         resource: str | None = None,
     ) -> None:
         """Write this release's AuditEvent; returns once it is durable (503 FHIRError if not)."""
+        ticket = self.audit_soon(
+            providers=providers, outcome=outcome, outcome_desc=outcome_desc, resource=resource
+        )
+        await ticket.committed()
+
+    def audit_soon(
+        self,
+        *,
+        providers: tuple[str, ...] = (),
+        outcome: int = SUCCESS,
+        outcome_desc: str | None = None,
+        resource: str | None = None,
+    ) -> Ticket:
+        """Queue this release's AuditEvent once every ``filter`` call is done; the caller
+        must ``await ticket.committed()`` before it responds (see :meth:`AuditWriter.submit`)."""
         desc = outcome_desc
         if desc is None and self.reviewed:
             desc = "released for review: " + ", ".join(self.reviewed[:20])
@@ -500,7 +515,7 @@ class Release:
             consents=self.consent_refs,
             policy=self.decider.policy_version,
         )
-        await self.gate.audit.record(record)
+        return self.gate.audit.submit(record)
 
 
 def _record(

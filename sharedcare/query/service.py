@@ -7,13 +7,15 @@ One :class:`Federation` per hub process (on ``app.state.query``). A search:
 3. opens the release gate (``app.state.release``: consent for this caller and person);
 4. asks every provider with a verified link, in parallel, with that provider's local
    patient id, each within the wait (:mod:`sharedcare.query.providers`);
-5. merges the answers (:mod:`sharedcare.query.merge`): consent-filtered entries with hub
-   ``fullUrl``\\ s, one OperationOutcome entry per impaired provider, paging and total;
-6. writes the audit record and waits until it is durable, then answers.
+5. decides consent for every resource and queues the audit record, which then commits
+   while the answer is rendered (:mod:`sharedcare.query.merge`): hub ``fullUrl``\\ s, one
+   OperationOutcome entry per impaired provider, paging and total;
+6. answers once the audit record is durable.
 
-The internal round trip (the hub's own time) is measured as ARCHITECTURE says: from the
-handler receiving the request to the last provider request being sent, plus from the last
-provider answer to the response being ready.
+The internal round trip (the hub's own time) is measured as ARCHITECTURE says: from the hub
+receiving the request (its first middleware, so authentication counts) to the last provider
+request being sent, plus from the last provider answer's last byte to the response being
+ready.
 """
 
 from __future__ import annotations
@@ -156,7 +158,8 @@ class Federation:
         reachable = [t for t in targets if t.base]
         state = request.scope.get("state", {})
         request_id = state.get("request_id")
-        deadline = _deadline(state, t0, wait)
+        received = _received(state, t0)
+        deadline = received + wait
         fetched = await asyncio.gather(
             *(
                 self.clients.get(
@@ -176,6 +179,7 @@ class Federation:
         out = BundleWriter("searchset")
         out.link("self", self_link)
         outcomes: list[dict[str, Any]] = []
+        pages: list[tuple[Stamp, list[dict[str, Any]]]] = []
         rest: dict[str, tuple[str, int]] = {}
         totals: list[int | None] = []
         room = count
@@ -220,43 +224,54 @@ class Federation:
                 target.provider, target.base or "", f"{self.hub}/providers/{target.provider}"
             )
             chosen = release.filter(page.resources, target.provider)
-            out.add_rendered(stamp.entries(rtype, chosen))
+            pages.append((stamp, chosen))
             released += len(chosen)
-        notice = release.notice()
-        issues = list(search.warnings)
-        if not targets:
-            issues.append(
-                Issue(
-                    "not-found",
-                    "The person is in the patient index but no provider holds verified records for them; "
-                    "no provider was asked.",
-                    severity="information",
+        # Every consent decision is made, so the audit record is complete: it is committed
+        # while the answer is rendered, and nothing is sent until it is durable.
+        ticket = release.audit_soon(providers=tuple(t.provider for t in targets))
+        try:
+            if ticket.flushing:
+                await asyncio.sleep(0)  # the flush sends its statement before the CPU work
+            for stamp, chosen in pages:
+                out.add_rendered(stamp.entries(rtype, chosen))
+            notice = release.notice()
+            issues = list(search.warnings)
+            if not targets:
+                issues.append(
+                    Issue(
+                        "not-found",
+                        "The person is in the patient index but no provider holds verified records "
+                        "for them; no provider was asked.",
+                        severity="information",
+                    )
                 )
-            )
-        if issues:
-            out.add(outcome_entry(*issues))
-        if notice:
-            out.add(
-                {
-                    "search": {"mode": "outcome"},
-                    "resource": {"resourceType": "OperationOutcome", "issue": [notice]},
-                }
-            )
-        for oo in outcomes:
-            out.add({"search": {"mode": "outcome"}, "resource": oo})
-        if targets and all(t is not None for t in totals) and not release.withheld:
-            out.total = sum(t for t in totals if t is not None)
-        if rest:
-            token = await cursors.sign(
-                request.app.state.iam.keys,
-                cursors.Cursor(rtype, person.id, client_id, count, rest),
-                s.query_cursor_lifetime_seconds,
-            )
-            out.link("next", f"{self.hub}/{rtype}?_cursor={token}")
+            if issues:
+                out.add(outcome_entry(*issues))
+            if notice:
+                out.add(
+                    {
+                        "search": {"mode": "outcome"},
+                        "resource": {"resourceType": "OperationOutcome", "issue": [notice]},
+                    }
+                )
+            for oo in outcomes:
+                out.add({"search": {"mode": "outcome"}, "resource": oo})
+            if targets and all(t is not None for t in totals) and not release.withheld:
+                out.total = sum(t for t in totals if t is not None)
+            if rest:
+                token = await cursors.sign(
+                    request.app.state.iam.keys,
+                    cursors.Cursor(rtype, person.id, client_id, count, rest),
+                    s.query_cursor_lifetime_seconds,
+                )
+                out.link("next", f"{self.hub}/{rtype}?_cursor={token}")
+            body = out.render()
+        except BaseException:
+            ticket.abandon()  # nothing is released: see AuditWriter.submit
+            raise
+        await ticket.committed()
         failed = sum(1 for f in fetched if not f.ok) + sum(1 for t in targets if not t.base)
-        await release.audited(providers=tuple(t.provider for t in targets))
-        body = out.render()
-        internal = (last_sent - t0) + (time.perf_counter() - last_back)
+        internal = (last_sent - received) + (time.perf_counter() - last_back)
         outcome = "complete" if not failed else ("no_data" if failed == len(targets) else "partial")
         record_query(
             client_id,
@@ -291,7 +306,7 @@ class Federation:
         record_query(
             client_id,
             "unknown_person",
-            internal=time.perf_counter() - t0,
+            internal=time.perf_counter() - _received(request.scope.get("state", {}), t0),
             resources=0,
             size=len(body),
             providers=0,
@@ -376,7 +391,8 @@ class Federation:
         pix, gate = self._pix(request), self._gate(request)
         state = request.scope.get("state", {})
         request_id = state.get("request_id")
-        deadline = _deadline(state, t0, wait)
+        received = _received(state, t0)
+        deadline = received + wait
         name = getattr(system, "name", None)
         got = await self.clients.get(
             provider,
@@ -414,13 +430,17 @@ class Federation:
 
             refusal = withheld_read()
             record_query(
-                client_id, "complete", internal=time.perf_counter() - t0, resources=0, providers=1
+                client_id,
+                "complete",
+                internal=time.perf_counter() - received,
+                resources=0,
+                providers=1,
             )
             return fhir_json(refusal.outcome(), refusal.status)
         stamp = Stamp(provider, base, f"{self.hub}/providers/{provider}")
         body = stamp.render(released[0])
         await release.audited(providers=(provider,), resource=f"{rtype}/{rid}")
-        internal = (sent - t0) + (time.perf_counter() - back)
+        internal = (sent - received) + (time.perf_counter() - back)
         record_query(
             client_id, "complete", internal=internal, resources=1, size=len(body), providers=1
         )
@@ -473,14 +493,15 @@ class Federation:
         return None
 
 
-def _deadline(state: dict[str, Any], t0: float, wait: float) -> float:
-    """When providers must have answered: ``wait`` after the hub received the request.
+def _received(state: dict[str, Any], t0: float) -> float:
+    """When the hub received the request (its first middleware), or ``t0`` if not known.
 
-    Counting from receipt rather than from each provider request bounds what the consumer
-    waits, whatever the hub spent before asking (queueing, the index, consent).
+    The internal round trip starts here (ARCHITECTURE: "receipt"), and so does the providers'
+    wait: counting it from receipt rather than from each provider request bounds what the
+    consumer waits, whatever the hub spent before asking (queueing, the index, consent).
     """
     received = state.get("received_at")
-    return (received if isinstance(received, float) and received <= t0 else t0) + wait
+    return received if isinstance(received, float) and received <= t0 else t0
 
 
 def _links(person: Any, provider: str, local: str) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -377,3 +378,62 @@ async def test_sqlite_audit_wal_stays_bounded_under_writes_that_never_pause(
     # Bounded by the limit plus what arrives while one background checkpoint runs (about
     # 1.5 MB on a slow machine); without the catch-up the WAL is about 0.8 x the bodies.
     assert wal < bodies / 3, f"WAL {wal} bytes after {bodies} bytes of events"
+
+
+def _rows_seen_elsewhere(url: str, wait_s: float) -> int:
+    """Audit rows another connection sees within ``wait_s``, asked from another thread while
+    the test's event loop is kept busy (a caller rendering its answer)."""
+    seen: list[int] = []
+
+    async def poll() -> None:
+        other = Database(url)
+        try:
+            deadline = asyncio.get_running_loop().time() + wait_s
+            while True:
+                seen.append(await audit_count(other))
+                if seen[-1] > 1 or asyncio.get_running_loop().time() > deadline:
+                    return
+                await asyncio.sleep(0.02)
+        finally:
+            await other.close()
+
+    thread = threading.Thread(target=asyncio.run, args=(poll(),))
+    thread.start()
+    thread.join()  # blocks this loop: nothing here runs until the poll is done
+    return seen[-1]
+
+
+@pytest.mark.parametrize(
+    ("yields", "committed_meanwhile"),
+    [
+        (True, True),  # one yield: the flush has sent its statement; it commits meanwhile
+        (False, False),  # no yield: nothing is sent until the caller awaits the ticket
+    ],
+)
+async def test_a_submitted_record_commits_while_its_caller_works(
+    writer: AuditWriter, make_record: Make, database_url: str, yields: bool, committed_meanwhile: bool
+) -> None:
+    await writer.record(make_record(request_id="warm"))  # its connection and statement are ready
+    ticket = writer.submit(make_record(request_id="rendering"))
+    assert ticket.flushing  # the writer was idle: this record started a flush
+    if yields:
+        await asyncio.sleep(0)
+    assert (_rows_seen_elsewhere(database_url, 1.0 if yields else 0.3) == 2) is committed_meanwhile
+    assert await ticket.committed()
+    assert await audit_count(writer.db) == 2
+
+
+async def test_an_abandoned_ticket_is_shed_like_a_caller_that_gave_up(
+    db: Database, make_record: Make, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writer = AuditWriter(db, concurrency=1)
+    wrap_batch_write(monkeypatch, writer, slow_by(0.1))
+    await writer.start()
+    first = writer.submit(make_record(request_id="released"))
+    await asyncio.sleep(0)  # its flush has begun
+    behind = writer.submit(make_record(request_id="not-released"))
+    assert first.flushing and not behind.flushing  # it waits for the flush in flight
+    behind.abandon()  # the caller failed before answering: nothing was released
+    await first.committed()
+    await writer.stop()
+    assert await request_ids_on_trail(db) == {"released"}

@@ -17,6 +17,7 @@ import orjson
 import pytest
 
 from sharedcare.query.providers import ProviderClients
+from sharedcare.query.service import _received
 
 BODY = orjson.dumps({"resourceType": "Bundle", "type": "searchset", "total": 0, "entry": []})
 
@@ -67,3 +68,22 @@ async def test_the_hubs_checking_is_not_the_providers_round_trip(
     assert ended - started >= hub_work_s
     assert got.seconds < 0.15
     assert ended - got.done_at >= hub_work_s
+
+
+@pytest.mark.parametrize(
+    ("state", "handler_start", "start"),
+    [
+        # The first middleware's clock: authentication and routing count as the hub's time.
+        ({"received_at": 10.0}, 10.5, 10.0),
+        # Served without that middleware (the app embedded elsewhere): the handler's start.
+        ({}, 10.5, 10.5),
+        # Not a time before the handler started (another clock, a stray value): not used.
+        ({"received_at": 11.0}, 10.5, 10.5),
+        ({"received_at": "10.0"}, 10.5, 10.5),
+        ({"received_at": None}, 10.5, 10.5),
+    ],
+)
+def test_the_internal_round_trip_starts_at_receipt(
+    state: dict[str, Any], handler_start: float, start: float
+) -> None:
+    assert _received(state, handler_start) == start
