@@ -15,8 +15,8 @@ Metric                                                  Type       Meaning
 ``sharedcare_audit_flush_batch_size``                   histogram  Records per group-commit transaction.
 ``sharedcare_audit_flush_duration_seconds``             histogram  Wall time of one group-commit
                                                                    transaction.
-``sharedcare_audit_record_duration_seconds``            histogram  Time a request waits in ``record()``
-                                                                   for its event to be durable: the
+``sharedcare_audit_record_duration_seconds``            histogram  Time a request waits for its event
+                                                                   to be durable, plus building it: the
                                                                    latency audit adds (target p99 2 ms).
 ``sharedcare_audit_pending``                            gauge      Records waiting for a flush.
 ======================================================  =========  =======================================

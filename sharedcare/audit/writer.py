@@ -222,18 +222,22 @@ class Ticket:
     """A record queued by :meth:`AuditWriter.submit`, not yet known to be durable."""
 
     future: asyncio.Future[str]
-    started: float
+    submitting: float  # seconds submit() took (building the event and its row)
     timeout: float
     flushing: bool  # a flush started for this record: it sends once the caller yields
 
     async def committed(self) -> str:
         """The record's id once its transaction has committed; a 503 FHIRError if it did not."""
+        started = perf_counter()
         try:
             async with asyncio.timeout(self.timeout):
                 rid = await self.future  # cancelled on timeout; see the module docstring
         except TimeoutError:
             raise audit_unavailable(f"the database did not commit within {self.timeout:g} s") from None
-        hot_audit_metrics().record_duration_seconds.observe(perf_counter() - self.started)
+        # What audit added to the request: its own work, and the wait its caller saw (not
+        # the time the caller spent rendering while the commit ran).
+        waited = perf_counter() - started
+        hot_audit_metrics().record_duration_seconds.observe(self.submitting + waited)
         return rid
 
     def abandon(self) -> None:
@@ -368,7 +372,8 @@ class AuditWriter:
         self._pending.append(_Pending(self.prepare(record), record.outcome, future))
         flushes = len(self._in_flight)
         self._kick()
-        return Ticket(future, started, self.timeout, flushing=len(self._in_flight) > flushes)
+        flushing = len(self._in_flight) > flushes
+        return Ticket(future, perf_counter() - started, self.timeout, flushing)
 
     def _kick(self) -> None:
         """Start flushes while records wait and a flush slot is free (no timer, no flusher task)."""

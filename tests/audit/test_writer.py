@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -418,9 +419,14 @@ async def test_a_submitted_record_commits_while_its_caller_works(
     assert ticket.flushing  # the writer was idle: this record started a flush
     if yields:
         await asyncio.sleep(0)
+    busy_from = time.perf_counter()
     assert (_rows_seen_elsewhere(database_url, 1.0 if yields else 0.3) == 2) is committed_meanwhile
+    busy = time.perf_counter() - busy_from
+    added_before = _sample("sharedcare_audit_record_duration_seconds_sum")
     assert await ticket.committed()
     assert await audit_count(writer.db) == 2
+    if committed_meanwhile:  # the latency audit added excludes the caller's own busy time
+        assert _sample("sharedcare_audit_record_duration_seconds_sum") - added_before < busy / 2
 
 
 async def test_an_abandoned_ticket_is_shed_like_a_caller_that_gave_up(
