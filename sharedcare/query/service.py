@@ -107,10 +107,10 @@ class Federation:
     async def search(
         self, request: Request, rtype: str, items: list[tuple[str, str]], *, lenient: bool
     ) -> Response:
-        t0 = time.perf_counter()
+        received = _received(request.scope.get("state", {}), time.perf_counter())
         context = access(request)
         try:
-            return await self._search(request, rtype, items, lenient, t0, context.client_id)
+            return await self._search(request, rtype, items, lenient, received, context.client_id)
         except FHIRError as exc:
             record_query(context.client_id, "rejected" if exc.status < 500 else "error")
             raise
@@ -124,7 +124,7 @@ class Federation:
         rtype: str,
         items: list[tuple[str, str]],
         lenient: bool,
-        t0: float,
+        received: float,
         client_id: str,
     ) -> Response:
         s = self.settings
@@ -146,7 +146,7 @@ class Federation:
             count = s.default_page_size if search.count is None else search.count
         self_link = f"{self.hub}/{rtype}?{urlencode(items)}" if items else f"{self.hub}/{rtype}"
         if person is None:
-            return await self._unknown_person(request, gate, search, self_link, t0, client_id)
+            return await self._unknown_person(request, gate, search, self_link, received, client_id)
 
         release = await gate.open(
             request,
@@ -158,7 +158,6 @@ class Federation:
         reachable = [t for t in targets if t.base]
         state = request.scope.get("state", {})
         request_id = state.get("request_id")
-        received = _received(state, t0)
         deadline = received + wait
         fetched = await asyncio.gather(
             *(
@@ -284,7 +283,7 @@ class Federation:
         return fhir_json(body)
 
     async def _unknown_person(
-        self, request: Request, gate: Any, search: Search, self_link: str, t0: float, client_id: str
+        self, request: Request, gate: Any, search: Search, self_link: str, received: float, client_id: str
     ) -> Response:
         release = await gate.open(request, patient=None, nhs_number=search.nhs_number)
         who = f"NHS number {search.nhs_number}" if search.nhs_number else f"id {search.person_id}"
@@ -306,7 +305,7 @@ class Federation:
         record_query(
             client_id,
             "unknown_person",
-            internal=time.perf_counter() - _received(request.scope.get("state", {}), t0),
+            internal=time.perf_counter() - received,
             resources=0,
             size=len(body),
             providers=0,
@@ -362,16 +361,16 @@ class Federation:
     # -- proxied read -------------------------------------------------------------------
     async def read(self, request: Request, provider: str, rtype: str, rid: str) -> Response:
         """``GET /fhir/providers/{provider}/{rtype}/{rid}``: fetched, consent-filtered, audited."""
-        t0 = time.perf_counter()
+        received = _received(request.scope.get("state", {}), time.perf_counter())
         context = access(request)
         try:
-            return await self._read(request, provider, rtype, rid, t0, context.client_id)
+            return await self._read(request, provider, rtype, rid, received, context.client_id)
         except FHIRError as exc:
             record_query(context.client_id, "rejected" if exc.status < 500 else "error")
             raise
 
     async def _read(
-        self, request: Request, provider: str, rtype: str, rid: str, t0: float, client_id: str
+        self, request: Request, provider: str, rtype: str, rid: str, received: float, client_id: str
     ) -> Response:
         from sharedcare.store.searchparams import r4_resource_types
 
@@ -391,7 +390,6 @@ class Federation:
         pix, gate = self._pix(request), self._gate(request)
         state = request.scope.get("state", {})
         request_id = state.get("request_id")
-        received = _received(state, t0)
         deadline = received + wait
         name = getattr(system, "name", None)
         got = await self.clients.get(
@@ -494,7 +492,8 @@ class Federation:
 
 
 def _received(state: dict[str, Any], t0: float) -> float:
-    """When the hub received the request (its first middleware), or ``t0`` if not known.
+    """When the hub received the request (its first middleware), or ``t0`` (the handler's
+    start) if not known.
 
     The internal round trip starts here (ARCHITECTURE: "receipt"), and so does the providers'
     wait: counting it from receipt rather than from each provider request bounds what the
