@@ -59,6 +59,12 @@ QUERY_OUTCOMES: Final = ("complete", "partial", "no_data", "unknown_person", "re
 LATENCY_BUCKETS: Final = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.8, 1.0, 1.5, 2.0, 3.0, 5.0,
 )  # fmt: skip
+# The hub's own time is milliseconds: finer edges around the 10 ms target at half of
+# saturation (issue 6), so a quantile near it is not interpolated across 10-25 ms.
+INTERNAL_BUCKETS: Final = (
+    0.001, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.0125, 0.015, 0.02, 0.025, 0.05, 0.1,
+    0.25, 0.5, 1.0, 2.5,
+)  # fmt: skip
 RESOURCE_BUCKETS: Final = (0, 1, 5, 10, 20, 40, 60, 100, 200, 500, 1000)
 BYTES_BUCKETS: Final = (1e3, 1e4, 5e4, 1e5, 2e5, 5e5, 1e6, 5e6)
 FANOUT_BUCKETS: Final = (0, 1, 2, 3, 4, 5, 8, 12, 20)
@@ -91,7 +97,7 @@ def _create() -> QueryMetrics:
         internal=Histogram(
             "sharedcare_query_internal_round_trip_seconds",
             "The hub's own time per federated query, excluding the wait for providers.",
-            buckets=LATENCY_BUCKETS,
+            buckets=INTERNAL_BUCKETS,
         ),
         internal_max=Gauge(
             "sharedcare_query_internal_round_trip_max_seconds",
