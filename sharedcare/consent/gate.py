@@ -27,6 +27,7 @@ import os
 import re
 import signal
 from collections.abc import AsyncIterator, Iterable, Sequence
+from operator import itemgetter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
@@ -66,14 +67,21 @@ CONSENT_PAGE: Final = 1000
 # compiles for ``Consent?patient=Patient/{id}&status=active`` (sorted by rid), with the id
 # taken from the person found; tests/query/test_consent.py checks the two agree. One row
 # more than a page means "too many to attach": the gate then pages through the search.
-CONSENT_BODIES: Final = (
-    "SELECT ARRAY(SELECT r.body FROM person, resources r "
+_ACTIVE_CONSENTS: Final = (
+    "FROM person, resources r "
     "WHERE person.merged_into IS NULL AND r.type = 'Consent' AND r.deleted = false "
     "AND r.rid IN (SELECT x.rid FROM idx_reference x WHERE x.type = 'Consent' "
     "AND x.param = 'patient' AND x.target_type = 'Patient' AND x.target_id = person.id) "
     "AND r.rid IN (SELECT t.rid FROM idx_token t WHERE t.type = 'Consent' "
     "AND t.param = 'status' AND t.code = 'active') "
-    f"ORDER BY r.rid LIMIT {CONSENT_PAGE + 1}) AS value"
+    f"ORDER BY r.rid LIMIT {CONSENT_PAGE + 1}"
+)
+CONSENT_BODIES: Final = f"SELECT ARRAY(SELECT r.body {_ACTIVE_CONSENTS}) AS value"
+# SQLite has no arrays: the same records as one JSON text of [rid, body] pairs (an
+# aggregate's order is not promised there, so the rid comes along to sort by).
+CONSENT_BODIES_SQLITE: Final = (
+    "SELECT json_group_array(json_array(c.rid, json(CAST(c.body AS TEXT)))) AS value "
+    f"FROM (SELECT r.rid, r.body {_ACTIVE_CONSENTS}) c"
 )
 NO_END_USER: Final = (
     "Patient data needs the end-user context: the access token must carry requesting_user, "
@@ -109,11 +117,19 @@ def patients_of(resource: dict[str, Any]) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _about(patient: str, bodies: Sequence[bytes]) -> list[dict[str, Any]]:
+def attached_bodies(value: Sequence[bytes] | str | None) -> list[Any] | None:
+    """The records :meth:`ReleaseGate.consent_sql` attached to a person, in rid order: raw
+    bodies (PostgreSQL) or parsed ones (SQLite's JSON text); None when none came along."""
+    if not isinstance(value, str):
+        return None if value is None else list(value)
+    return [body for _rid, body in sorted(orjson.loads(value), key=itemgetter(0))]
+
+
+def _about(patient: str, bodies: Sequence[bytes | dict[str, Any]]) -> list[dict[str, Any]]:
     """The records among ``bodies`` that name ``patient``, as :meth:`ReleaseGate.consents` keeps them."""
     out: list[dict[str, Any]] = []
     for raw in bodies:
-        body = orjson.loads(raw)
+        body = raw if isinstance(raw, dict) else orjson.loads(raw)
         if patient in patients_of(body):
             out.append(body)
     return out
@@ -260,10 +276,9 @@ class ReleaseGate:
         return out
 
     # -- opening ---------------------------------------------------------------------------
-    @staticmethod
-    def consent_sql() -> str:
+    def consent_sql(self) -> str:
         """The SELECT the patient index attaches to a person: their consent records."""
-        return CONSENT_BODIES
+        return CONSENT_BODIES if self.fhir.store.db.dialect == "postgresql" else CONSENT_BODIES_SQLITE
 
     def _context(self, request: Request) -> AccessContext:
         from sharedcare.iam.context import access
@@ -291,15 +306,16 @@ class ReleaseGate:
         patient: str | None,
         nhs_number: str | None = None,
         action: str = "search-type",
-        consent_bodies: Sequence[bytes] | None = None,
+        consent_bodies: Sequence[bytes] | str | None = None,
     ) -> Release:
         """A release of one person's data (their consent records decide every resource).
 
-        ``consent_bodies``: the person's records as :data:`CONSENT_BODIES` fetched them with
+        ``consent_bodies``: the person's records as :meth:`consent_sql` fetched them with
         the person; without them (or with more than a page) the gate looks them up.
         """
         ctx = self._context(request)
         await self._refuse_no_end_user(request, ctx, patient, nhs_number, action)
+        consent_bodies = attached_bodies(consent_bodies)
         if not patient:
             consents: list[dict[str, Any]] = []
         elif consent_bodies is not None and len(consent_bodies) <= CONSENT_PAGE:

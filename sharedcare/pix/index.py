@@ -42,6 +42,7 @@ from sharedcare.pix.lookup import (
     FIND_LINK,
     PERSON_LINKS,
     find_with,
+    find_with_sqlite,
     follow_merges_pg,
     person_of_rows,
 )
@@ -146,15 +147,23 @@ class PatientIndex:
         """:meth:`find`, plus the value of ``attached`` (see :func:`lookup.find_with`) for the
         person found, in one round trip.
 
-        The value is None when it could not come with the person: on SQLite, or when the
-        number or id found was merged into another person (the caller then fetches it for
-        the survivor itself).
+        ``attached`` is written for the database in use (PostgreSQL or SQLite). The value is
+        None when it could not come with the person: when the number or id found was merged
+        into another person (the caller then fetches it for the survivor itself).
         """
         if (nhs_number is None) == (person_id is None):
             raise ValueError("give exactly one of nhs_number and person_id")
-        if self.db.dialect != "postgresql":
-            return await self.find(nhs_number=nhs_number, person_id=person_id), None
         key, value = ("nhs_number", nhs_number) if nhs_number is not None else ("id", person_id)
+        if self.db.dialect != "postgresql":
+            async with self._read() as conn:
+                found = (
+                    await conn.execute(find_with_sqlite(key, attached), {"value": value})
+                ).all()
+            if found and found[0].merged_into is None:
+                return person_of_rows([r._mapping for r in found]), found[0].attached
+            if not found:
+                return None, None
+            return await self.find(person_id=found[0].merged_into), None
         async with self._driver() as driver:
             rows = await driver.fetch(find_with(key, attached), value)
             if rows and rows[0]["merged_into"] is None:

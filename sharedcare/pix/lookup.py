@@ -1,7 +1,8 @@
 """Finding a person in the index: the statements and how their rows become a :class:`Person`.
 
 PostgreSQL lookups go straight to asyncpg with these prebuilt statements (one round trip);
-SQLite uses :data:`PERSON_LINKS`. Merges are followed to the survivor.
+SQLite uses :data:`PERSON_LINKS`, and :func:`find_with_sqlite` when another capability's data
+comes with the person. Merges are followed to the survivor.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import String, TextClause, column, select, text
 
 from sharedcare.pix.model import MAX_MERGE_HOPS, Linkage, Person
 from sharedcare.pix.schema import pix_links, pix_people
@@ -34,22 +35,42 @@ FIND_BY_NHS = _FIND_COLUMNS + "p.nhs_number = $1"
 FIND_BY_ID = _FIND_COLUMNS + "p.id = $1"
 
 
-def find_with(key: str, attached: str) -> str:
+def find_with(key: str, attached: str, parameter: str = "$1") -> str:
     """FIND_BY_NHS (``key`` "nhs_number") or FIND_BY_ID ("id") with one more column, ``attached``.
 
     ``attached`` is a SELECT of one value named ``value``, computed once from the CTE
     ``person`` (columns id, nhs_number, merged_into: the row found, before merges are
     followed): another capability's data about the person, fetched in the same round trip.
+    ``parameter`` is how the statement names the key's value (asyncpg's ``$1``, or a bound
+    ``:value`` for :func:`find_with_sqlite`).
     """
     if key not in ("nhs_number", "id"):
         raise ValueError(f"cannot find a person by {key!r}")
     return (
         f"WITH person AS (SELECT p.id, p.nhs_number, p.merged_into FROM pix_people p "
-        f"WHERE p.{key} = $1), attached AS ({attached}) "
+        f"WHERE p.{key} = {parameter}), attached AS ({attached}) "
         "SELECT person.id, person.nhs_number, person.merged_into, l.provider, l.system, "
         "l.value, l.status, l.updated, (SELECT value FROM attached) AS attached "
         "FROM person LEFT OUTER JOIN pix_links l ON l.person_id = person.id"
     )
+
+
+def find_with_sqlite(key: str, attached: str) -> TextClause:
+    """:func:`find_with` for SQLite, through SQLAlchemy: the value bound as ``:value``, and the
+    columns typed as the tables declare them (SQLite keeps timestamps as text)."""
+    return text(find_with(key, attached, ":value")).columns(
+        pix_people.c.id,
+        pix_people.c.nhs_number,
+        pix_people.c.merged_into,
+        pix_links.c.provider,
+        pix_links.c.system,
+        pix_links.c.value,
+        pix_links.c.status,
+        pix_links.c.updated,
+        column("attached", String),
+    )
+
+
 # A local identifier → its linkage and the person it claims, in one round trip (the person's
 # rows come from the same statement; merges are followed afterwards by id).
 FIND_LINK = (

@@ -11,6 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from sharedcare.cli import app as cli_app
+from sharedcare.consent.gate import attached_bodies
 from sharedcare.fhir.errors import FHIRError
 from sharedcare.pix.bulk import load_lines
 
@@ -49,6 +50,15 @@ async def test_merge_points_the_replaced_person_to_the_survivor(
     for found in (await index.find(nhs_number=old_nhs), await index.find(person_id=old.id)):
         assert found.id == new.id and found.nhs_number == new_nhs
         assert sorted(link.value for link in found.routable) == ["g1", "h1"]
+    # The federated query's lookup (the person and their consent records in one statement)
+    # follows the merge too, and leaves the records to be fetched for the survivor.
+    consent_sql = app.state.release.consent_sql()
+    survivor_found = await index.find(nhs_number=new_nhs)
+    for key in ({"nhs_number": old_nhs}, {"person_id": old.id}):
+        assert await index.find_with(consent_sql, **key) == (survivor_found, None)
+    found, attached = await index.find_with(consent_sql, person_id=new.id)
+    assert found == survivor_found and attached_bodies(attached) == []
+    assert await index.find_with(consent_sql, nhs_number="9434765919") == (None, None)
     # Nothing deleted: the old Patient is inactive and points to the survivor; history kept.
     replaced = (await client.get(f"/fhir/Patient/{old.id}")).json()
     assert replaced["active"] is False
