@@ -42,9 +42,9 @@ from sharedcare.pix.lookup import (
     FIND_LINK,
     PERSON_LINKS,
     find_with,
-    find_with_sqlite,
     follow_merges_pg,
     person_of_rows,
+    person_of_sqlite,
 )
 from sharedcare.pix.model import (
     ERROR,
@@ -155,15 +155,14 @@ class PatientIndex:
             raise ValueError("give exactly one of nhs_number and person_id")
         key, value = ("nhs_number", nhs_number) if nhs_number is not None else ("id", person_id)
         if self.db.dialect != "postgresql":
-            async with self._read() as conn:
-                found = (
-                    await conn.execute(find_with_sqlite(key, attached), {"value": value})
-                ).all()
-            if found and found[0].merged_into is None:
-                return person_of_rows([r._mapping for r in found]), found[0].attached
+            # A few index probes: inline, not through the pool's thread (Database.inline).
+            assert self.db.inline is not None  # every SQLite database is a file
+            found = self.db.inline.fetch(find_with(key, attached, "?"), (value,))
             if not found:
                 return None, None
-            return await self.find(person_id=found[0].merged_into), None
+            if found[0]["merged_into"] is None:
+                return person_of_sqlite(found), found[0]["attached"]
+            return await self.find(person_id=found[0]["merged_into"]), None
         async with self._driver() as driver:
             rows = await driver.fetch(find_with(key, attached), value)
             if rows and rows[0]["merged_into"] is None:

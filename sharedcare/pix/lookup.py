@@ -1,8 +1,8 @@
 """Finding a person in the index: the statements and how their rows become a :class:`Person`.
 
 PostgreSQL lookups go straight to asyncpg with these prebuilt statements (one round trip);
-SQLite uses :data:`PERSON_LINKS`, and :func:`find_with_sqlite` when another capability's data
-comes with the person. Merges are followed to the survivor.
+SQLite uses :data:`PERSON_LINKS`, and the same statement as PostgreSQL when another
+capability's data comes with the person. Merges are followed to the survivor.
 """
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import String, TextClause, column, select, text
+from sqlalchemy import DateTime, select
+from sqlalchemy.dialects import sqlite
 
 from sharedcare.pix.model import MAX_MERGE_HOPS, Linkage, Person
 from sharedcare.pix.schema import pix_links, pix_people
@@ -41,8 +42,7 @@ def find_with(key: str, attached: str, parameter: str = "$1") -> str:
     ``attached`` is a SELECT of one value named ``value``, computed once from the CTE
     ``person`` (columns id, nhs_number, merged_into: the row found, before merges are
     followed): another capability's data about the person, fetched in the same round trip.
-    ``parameter`` is how the statement names the key's value (asyncpg's ``$1``, or a bound
-    ``:value`` for :func:`find_with_sqlite`).
+    ``parameter`` is how the statement names the key's value (asyncpg's ``$1``, sqlite3's ``?``).
     """
     if key not in ("nhs_number", "id"):
         raise ValueError(f"cannot find a person by {key!r}")
@@ -55,20 +55,14 @@ def find_with(key: str, attached: str, parameter: str = "$1") -> str:
     )
 
 
-def find_with_sqlite(key: str, attached: str) -> TextClause:
-    """:func:`find_with` for SQLite, through SQLAlchemy: the value bound as ``:value``, and the
-    columns typed as the tables declare them (SQLite keeps timestamps as text)."""
-    return text(find_with(key, attached, ":value")).columns(
-        pix_people.c.id,
-        pix_people.c.nhs_number,
-        pix_people.c.merged_into,
-        pix_links.c.provider,
-        pix_links.c.system,
-        pix_links.c.value,
-        pix_links.c.status,
-        pix_links.c.updated,
-        column("attached", String),
-    )
+def person_of_sqlite(rows: Sequence[Any]) -> Person | None:
+    """:func:`person_of_rows` of raw SQLite rows (``Database.inline``): their timestamps are
+    text, read back as SQLAlchemy reads its own DateTime columns there."""
+    return person_of_rows([{**row, "updated": _SQLITE_DATETIME(row["updated"])} for row in rows])
+
+
+_SQLITE = sqlite.dialect()
+_SQLITE_DATETIME = DateTime().dialect_impl(_SQLITE).result_processor(_SQLITE, None)
 
 
 # A local identifier → its linkage and the person it claims, in one round trip (the person's

@@ -1,0 +1,92 @@
+"""SQLite's inline reader (``Database.inline``): the hot path's short reads, in the caller's thread.
+
+It must see what the hub has committed, never wait for a write in progress, and never hold
+the event loop for long when the file is locked: it answers 503 instead.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+
+from sharedcare.fhir.errors import FHIRError
+from sharedcare.store.db import INLINE_BUSY_MS, Database, InlineReader
+
+
+def _writer(path: Path, journal_mode: str) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute(f"PRAGMA journal_mode={journal_mode}")
+    conn.execute("CREATE TABLE IF NOT EXISTS t (x INTEGER)")
+    return conn
+
+
+def test_it_reads_every_commit_and_never_waits_for_a_write_in_progress(tmp_path: Path) -> None:
+    path = tmp_path / "hub.db"
+    writer = _writer(path, "WAL")
+    reader = InlineReader(str(path))
+    writer.execute("INSERT INTO t VALUES (1)")
+    assert [r["x"] for r in reader.fetch("SELECT x FROM t ORDER BY x")] == [1]
+
+    writer.execute("BEGIN IMMEDIATE")  # the hub's writer, mid-transaction
+    writer.execute("INSERT INTO t VALUES (2)")
+    started = time.perf_counter()
+    assert [r["x"] for r in reader.fetch("SELECT x FROM t ORDER BY x")] == [1]
+    assert time.perf_counter() - started < INLINE_BUSY_MS / 1000  # no busy wait at all
+    writer.execute("COMMIT")
+    assert [r["x"] for r in reader.fetch("SELECT x FROM t ORDER BY x")] == [1, 2]
+    reader.close()
+    writer.close()
+
+
+def test_it_cannot_write(tmp_path: Path) -> None:
+    path = tmp_path / "hub.db"
+    _writer(path, "WAL").close()
+    reader = InlineReader(str(path))
+    with pytest.raises(sqlite3.OperationalError, match="readonly"):
+        reader.fetch("INSERT INTO t VALUES (3)")
+    reader.close()
+
+
+def test_a_locked_file_answers_503_after_a_short_wait(tmp_path: Path) -> None:
+    """Outside WAL mode (a file another program holds locked), the reader gives up after
+    INLINE_BUSY_MS, not the 5 s sqlite3 waits by default, and says retry."""
+    path = tmp_path / "locked.db"
+    holder = _writer(path, "DELETE")
+    holder.execute("BEGIN EXCLUSIVE")
+    reader = InlineReader(str(path))
+    started = time.perf_counter()
+    with pytest.raises(FHIRError) as refused:
+        reader.fetch("SELECT x FROM t")
+    waited = time.perf_counter() - started
+    assert refused.value.status == 503
+    assert refused.value.headers.get("Retry-After") == "1"
+    assert INLINE_BUSY_MS / 1000 * 0.8 <= waited < 1.0
+    holder.execute("ROLLBACK")
+    assert reader.fetch("SELECT x FROM t") == []
+    reader.close()
+    holder.close()
+
+
+@pytest.mark.parametrize(
+    ("url", "inline"),
+    [
+        ("sqlite+aiosqlite:///{tmp}/hub.db", True),
+        ("postgresql+asyncpg://postgres@127.0.0.1:5432/test", False),
+    ],
+)
+async def test_only_sqlite_reads_inline(tmp_path: Path, url: str, inline: bool) -> None:
+    db = Database(url.format(tmp=tmp_path))
+    try:
+        assert (db.inline is not None) is inline
+    finally:
+        await db.close()
+
+
+@pytest.mark.parametrize("url", ["sqlite+aiosqlite:///:memory:", "sqlite+aiosqlite://"])
+def test_an_in_memory_database_is_refused_with_a_reason(url: str) -> None:
+    # Each connection would open a database of its own: writes would vanish between them.
+    with pytest.raises(ValueError, match="SQLite needs a database file"):
+        Database(url)
