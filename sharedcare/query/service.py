@@ -131,7 +131,7 @@ class Federation:
         search = parse_search(rtype, items, lenient=lenient, max_count=s.max_page_size)
         wait = self._wait(request)
         pix, gate = self._pix(request), self._gate(request)
-        # The person and their consent records come in one round trip (PostgreSQL).
+        # The person and their consent records come in one statement.
         if search.cursor is not None:
             cursor = await cursors.verify(
                 request.app.state.iam.keys, search.cursor, rtype=rtype, client_id=client_id
