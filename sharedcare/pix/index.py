@@ -156,8 +156,10 @@ class PatientIndex:
         key, value = ("nhs_number", nhs_number) if nhs_number is not None else ("id", person_id)
         if self.db.dialect != "postgresql":
             # A few index probes: inline, not through the pool's thread (Database.inline).
-            assert self.db.inline is not None  # every SQLite database is a file
-            found = self.db.inline.fetch(find_with(key, attached, "?"), (value,))
+            inline = self.db.inline
+            if inline is None:  # pragma: no cover - Database refuses SQLite without a file
+                raise RuntimeError("SQLite without a database file")
+            found = inline.fetch(find_with(key, attached, "?"), (value,))
             if not found:
                 return None, None
             if found[0]["merged_into"] is None:

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Final, TypeVar
+from urllib.parse import quote
 
 import structlog
 from asyncpg.exceptions import IntegrityConstraintViolationError as _PG_INTEGRITY
@@ -22,7 +23,7 @@ from asyncpg.exceptions import InterfaceError as _PG_INTERFACE
 from asyncpg.exceptions import InternalClientError as _PG_INTERNAL
 from asyncpg.exceptions import PostgresConnectionError as _PG_CONNECTION
 from asyncpg.exceptions import PostgresError as _PG_ERROR
-from sqlalchemy import event, text
+from sqlalchemy import event, make_url, text
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
@@ -91,9 +92,13 @@ def _translate(
 
 
 def sqlite_path(url: str) -> str | None:
-    """The file of a SQLite URL (None for an in-memory database)."""
-    path = url.split("///", 1)[-1] if "///" in url else ""
-    return path if path and path != ":memory:" else None
+    """The file of a SQLite URL, as SQLAlchemy reads it (query options such as ``?timeout=``
+    are not part of it); None for an in-memory database or a ``file:`` URI."""
+    parsed = make_url(url)
+    path = parsed.database
+    if not path or path == ":memory:" or parsed.query.get("uri") == "true":
+        return None
+    return path
 
 
 def configure_sqlite(dbapi_conn: Any, synchronous: str) -> None:
@@ -123,8 +128,9 @@ class InlineReader:
 
     In WAL mode a reader never waits for the writer, and it sees every transaction
     committed before the statement starts: a write the hub acknowledged is read back. A
-    busy database (WAL recovery after a crash) waits at most :data:`INLINE_BUSY_MS`, then
-    answers 503 with Retry-After like any busy SQLite read.
+    busy database (WAL recovery after a crash, or another program holding the file locked)
+    waits at most :data:`INLINE_BUSY_MS`, then answers 503 with Retry-After like any busy
+    SQLite read. That wait holds the event loop, once per query while the lock lasts.
     """
 
     def __init__(self, path: str) -> None:
@@ -141,8 +147,10 @@ class InlineReader:
 
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None:
+            # mode=rw: never create an empty database where the hub's file should be.
             conn = sqlite3.connect(
-                self.path,
+                f"file:{quote(self.path)}?mode=rw",
+                uri=True,
                 isolation_level=None,
                 timeout=INLINE_BUSY_MS / 1000,
                 check_same_thread=False,

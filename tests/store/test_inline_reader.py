@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from sharedcare.fhir.errors import FHIRError
-from sharedcare.store.db import INLINE_BUSY_MS, Database, InlineReader
+from sharedcare.store.db import INLINE_BUSY_MS, Database, InlineReader, sqlite_path
 
 
 def _writer(path: Path, journal_mode: str) -> sqlite3.Connection:
@@ -90,3 +90,31 @@ def test_an_in_memory_database_is_refused_with_a_reason(url: str) -> None:
     # Each connection would open a database of its own: writes would vanish between them.
     with pytest.raises(ValueError, match="SQLite needs a database file"):
         Database(url)
+
+
+@pytest.mark.parametrize(
+    ("url", "path"),
+    [
+        ("sqlite+aiosqlite:////srv/hub/hub.db", "/srv/hub/hub.db"),
+        ("sqlite+aiosqlite:///data/hub.db", "data/hub.db"),
+        (
+            "sqlite+aiosqlite:////srv/hub/hub.db?timeout=30",
+            "/srv/hub/hub.db",
+        ),  # an option, not the name
+        ("sqlite+aiosqlite:///:memory:", None),
+        ("sqlite+aiosqlite://", None),
+        ("sqlite+aiosqlite:///file:hub?mode=memory&cache=shared&uri=true", None),
+    ],
+)
+def test_the_file_of_a_sqlite_url(url: str, path: str | None) -> None:
+    assert sqlite_path(url) == path
+
+
+def test_it_never_creates_a_database_of_its_own(tmp_path: Path) -> None:
+    """Pointed at a file that is not there, it fails: an empty database created in its place
+    would answer every lookup with "no such table" while the hub's own file sat elsewhere."""
+    missing = tmp_path / "not-here.db"
+    reader = InlineReader(str(missing))
+    with pytest.raises(sqlite3.OperationalError, match="unable to open"):
+        reader.fetch("SELECT 1")
+    assert not missing.exists()
