@@ -55,14 +55,14 @@ def find_with(key: str, attached: str, parameter: str = "$1") -> str:
     )
 
 
+_SQLITE = sqlite.dialect()
+_SQLITE_DATETIME = DateTime().dialect_impl(_SQLITE).result_processor(_SQLITE, None)
+
+
 def person_of_sqlite(rows: Sequence[Any]) -> Person | None:
     """:func:`person_of_rows` of raw SQLite rows (``Database.inline``): their timestamps are
     text, read back as SQLAlchemy reads its own DateTime columns there."""
     return person_of_rows([{**row, "updated": _SQLITE_DATETIME(row["updated"])} for row in rows])
-
-
-_SQLITE = sqlite.dialect()
-_SQLITE_DATETIME = DateTime().dialect_impl(_SQLITE).result_processor(_SQLITE, None)
 
 
 # A local identifier → its linkage and the person it claims, in one round trip (the person's
