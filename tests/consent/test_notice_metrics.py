@@ -37,6 +37,7 @@ def _value(name: str, **labels: str) -> float:
 
 def test_decisions_are_counted_by_type_and_rule() -> None:
     decider = PolicySet.default().decider(ctx(role="R8010"), [consent("OPTOUT")], now=NOW)
+    flush_decisions()  # counts other tests left pending belong before, not in the difference
     before = (
         _value("sharedcare_consent_resources_tested_total", resource_type="Condition"),
         _value("sharedcare_consent_resources_withheld_total", resource_type="Condition", rule="consent"),
@@ -57,6 +58,7 @@ def test_decisions_are_counted_by_type_and_rule() -> None:
 
 def test_qualified_and_reviewed_releases_are_counted() -> None:
     decider = PolicySet.default().decider(ctx(purpose="ETREAT"), [consent("OPTOUT")], now=NOW)
+    flush_decisions()  # counts other tests left pending belong before, not in the difference
     before = (
         _value("sharedcare_consent_resources_qualified_total", resource_type="Observation", rule="emergency-override"),
         _value("sharedcare_consent_reviews_total", rule="emergency-override"),
