@@ -7,7 +7,7 @@ from typing import Any
 import orjson
 from query.federation import Federated
 
-from sharedcare.consent.gate import _about, attached_bodies
+from sharedcare.consent.gate import CONSENT_PAGE, _about, attached_bodies
 from sharedcare.pix.lookup import find_with
 from sharedcare.simulators.provider import provider_people
 
@@ -146,15 +146,16 @@ async def _work(app: Any, sql: str, nhs: str) -> int:
     return rows(plan[0]["Plan"])
 
 
-async def _other_peoples_consents(app: Any, count: int) -> None:
-    """``count`` active Consents about other people: one written by the store, the rest copies
-    of its resource and index rows (thousands through the API would take minutes)."""
-    from sqlalchemy import func, insert, select
+async def _copied_consents(app: Any, template: dict[str, Any], count: int, who: str | None = None) -> None:
+    """``count`` copies of the Consent ``template``, about ``who`` (a Patient id), or about
+    another person each when None: one written by the store, the rest copies of its resource
+    and index rows (thousands through the API would take minutes)."""
+    from sqlalchemy import func, insert, select, text
 
     from sharedcare.store.schema import idx_reference, idx_token, resources
 
     fhir, db = app.state.fhir, app.state.db
-    created = await fhir.create("Consent", _consent("Patient/other-0"))
+    created = await fhir.create("Consent", template)
     assert created.status == 201
     template_id = orjson.loads(created.body)["id"]
     async with db.read() as conn:
@@ -178,17 +179,24 @@ async def _other_peoples_consents(app: Any, count: int) -> None:
         ]
 
     copies: dict[Any, list[dict[str, Any]]] = {resources: [], idx_reference: [], idx_token: []}
-    for rid in range(start, start + count):
-        who = f"other-{rid}"
+    for rid in range(start, start + count - 1):
+        target = who or f"other-{rid}"
         copies[resources].append({**row._mapping, "rid": rid, "id": f"copy-{rid}"})
         copies[idx_reference] += [
-            {**r, "target_id": who} if r["param"] == "patient" else r for r in copy(refs, rid)
+            {**r, "target_id": target} if r["param"] == "patient" else r for r in copy(refs, rid)
         ]
         copies[idx_token] += copy(tokens, rid)
 
     async def write(conn: Any) -> None:
         for table, values in copies.items():
             await conn.execute(insert(table), values)
+        if db.dialect == "postgresql":  # the store's next rid comes after the copies
+            await conn.execute(
+                text(
+                    "SELECT setval(pg_get_serial_sequence('resources', 'rid'), "
+                    "(SELECT max(rid) FROM resources))"
+                )
+            )
 
     await db.write(write)
 
@@ -203,7 +211,7 @@ async def test_finding_the_persons_consents_does_not_read_the_regions(federated:
     person = await app.state.pix.find(nhs_number=nhs)
     await app.state.fhir.create("Consent", _consent(f"Patient/{person.id}", code="OPTIN"))
     alone = await _work(app, sql, nhs)
-    await _other_peoples_consents(app, 2000)
+    await _copied_consents(app, _consent("Patient/other-0"), 2001)
     crowded = await _work(app, sql, nhs)
     assert crowded <= alone * 1.5 + 20, (alone, crowded)
     found, attached = await app.state.pix.find_with(sql, nhs_number=nhs)
@@ -212,3 +220,47 @@ async def test_finding_the_persons_consents_does_not_read_the_regions(federated:
         c["patient"]["reference"]
         for c in _about(f"Patient/{person.id}", attached_bodies(attached) or [])
     ] == [f"Patient/{person.id}"]
+
+
+async def test_a_person_with_more_consents_than_a_page_has_every_one_applied(
+    federated: Federated,
+) -> None:
+    """The lookup attaches at most a page (1,000) of a person's consent records and one more
+    to say there are more; the gate then pages through the store's search. An opt-out written
+    after 1,001 opt-ins, on the search's second page, must still withhold the person's
+    records (deny wins across records)."""
+    app = federated.app
+    gate = app.state.release
+    everyone = {
+        p.nhs_number for s in federated.providers.values() for p in provider_people(s.config)
+    }
+    for nhs in sorted(everyone):  # someone no other test here gave consent records
+        person = await app.state.pix.find(nhs_number=nhs)
+        ref = f"Patient/{person.id}"
+        if not (await gate.consents([ref]))[ref]:
+            break
+    else:
+        raise AssertionError("everyone has consent records already")
+    before = await federated.search("Observation", nhs)
+    released = [e for e in before.json()["entry"] if e["search"]["mode"] == "match"]
+    assert released, "the person's providers hold Observations"
+
+    await _copied_consents(app, _consent(ref, code="OPTIN"), CONSENT_PAGE + 1, who=person.id)
+    assert (await app.state.fhir.create("Consent", _consent(ref))).status == 201  # OPTOUT, last
+    _found, attached = await app.state.pix.find_with(gate.consent_sql(), nhs_number=nhs)
+    bodies = attached_bodies(attached) or []
+    # More than a page came along (so the gate must search), and the opt-out is not among them.
+    assert len(bodies) == CONSENT_PAGE + 1
+    assert {c["policyRule"]["coding"][0]["code"] for c in _about(ref, bodies)} == {"OPTIN"}
+
+    r = await federated.search("Observation", nhs)
+    assert r.status_code == 200
+    bundle = r.json()
+    assert [e for e in bundle["entry"] if e["search"]["mode"] == "match"] == []
+    issues = [
+        i
+        for e in bundle["entry"]
+        if e["search"]["mode"] == "outcome"
+        for i in e["resource"]["issue"]
+    ]
+    assert any(i["code"] == "suppressed" for i in issues)
