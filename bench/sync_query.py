@@ -15,8 +15,7 @@ Phases:
    hub's internal round trip p50/p99 (its own time excluding providers, from its
    ``sharedcare_query_internal_round_trip_seconds`` histogram). wrk on a fixed timetable
    when installed (``bench/common.py``'s paced Wrk), else ``sharedcare.simulators.loadtest``;
-   each level reports the CPU every party used. Each level first runs ``--level-warmup``
-   seconds (default 3) at its own rate, not measured, as the saturation phase does;
+   each level reports the CPU every party used;
 3. **one provider 2 s slow** at 50 %: that provider moved to a server answering after
    ``--slow-s``; end-to-end p99 must stay within the wait (1500 ms) + 50 ms.
 
@@ -228,11 +227,6 @@ class FixedServer:
 
 
 PROVIDERS = ("leeds-pas", "gp-b86001", "community-rxf")
-# A level starts at a rate the hub has not been running at, and its first seconds were its
-# worst (bench/README.md, stop 18: in one 50 % level, 6 % of the queries in the first
-# half-second were within 10 ms, 97 % after the first two seconds; a second run at the same
-# rate straight after had no such start). Those seconds go to a warm-up at the level's rate.
-LEVEL_WARMUP = 3.0
 CONSUMER = "bench-consumer"
 NHS = "https://fhir.nhs.uk/Id/nhs-number"
 END_USER = {
@@ -603,12 +597,6 @@ def main() -> None:
         help="skip the saturation phase and take this rate as saturation (for the levels)",
     )
     parser.add_argument("--phases", default="saturation,levels,slow", help="comma-separated subset")
-    parser.add_argument(
-        "--level-warmup",
-        type=float,
-        default=LEVEL_WARMUP,
-        help="seconds at each level's rate before it is measured (0: none)",
-    )
     args = parser.parse_args()
     phases = set(args.phases.split(","))
 
@@ -732,8 +720,6 @@ def main() -> None:
         for fraction in (0.25, 0.5, 0.75) if "levels" in phases else ():
             wait_for_quiet()
             rate = max(1.0, saturation * fraction)
-            if args.level_warmup > 0:  # at the level's own rate; see LEVEL_WARMUP
-                (paced_wrk if use_wrk else open_loop)(hub, paths, rate, args.level_warmup, token)
             before = internal_buckets(hub)
             # The open-loop client: wrk, or this process's only multiprocessing child here.
             meter = CpuMeter(
