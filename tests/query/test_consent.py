@@ -147,9 +147,9 @@ async def _work(app: Any, sql: str, nhs: str) -> int:
 
 
 async def _copied_consents(app: Any, template: dict[str, Any], count: int, who: str | None = None) -> None:
-    """``count`` copies of the Consent ``template``, about ``who`` (a Patient id), or about
-    another person each when None: one written by the store, the rest copies of its resource
-    and index rows (thousands through the API would take minutes)."""
+    """``count`` Consents like ``template``: the template written by the store, then
+    ``count - 1`` copies of its resource and index rows (thousands through the API would take
+    minutes), each about ``who`` (a Patient id), or about another person each when None."""
     from sqlalchemy import func, insert, select, text
 
     from sharedcare.store.schema import idx_reference, idx_token, resources
