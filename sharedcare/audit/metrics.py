@@ -19,6 +19,10 @@ Metric                                                  Type       Meaning
                                                                    to be durable, plus building it: the
                                                                    latency audit adds (target p99 2 ms).
 ``sharedcare_audit_pending``                            gauge      Records waiting for a flush.
+``sharedcare_audit_wal_waits_total``                    counter    SQLite only: flushes that waited for a
+                                                                   checkpoint because the write-ahead log
+                                                                   passed twice its limit (the disk is
+                                                                   slower than the audit writes).
 ======================================================  =========  =======================================
 """
 
@@ -51,6 +55,7 @@ class AuditMetrics:
     flush_duration_seconds: Histogram
     record_duration_seconds: Histogram
     pending: Gauge
+    wal_waits_total: Counter
 
 
 def _create() -> AuditMetrics:
@@ -89,6 +94,10 @@ def _create() -> AuditMetrics:
             "sharedcare_audit_pending",
             "Audit records waiting for a group commit.",
             multiprocess_mode="livesum",
+        ),
+        wal_waits_total=Counter(
+            "sharedcare_audit_wal_waits_total",
+            "SQLite audit flushes that waited for a write-ahead log checkpoint (the disk is behind).",
         ),
     )
 

@@ -28,6 +28,7 @@ always written: REQUIREMENTS §3 wants every refused request on the trail.
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -52,7 +53,7 @@ from sharedcare.audit.metrics import get_audit_metrics, hot_audit_metrics
 from sharedcare.audit.record import SUCCESS, AuditRecord, to_audit_event
 from sharedcare.fhir.errors import FHIRError
 from sharedcare.registry.model import HUB
-from sharedcare.store.db import Database, configure_sqlite, sqlite_path
+from sharedcare.store.db import WAL_FILE_LIMIT_BYTES, Database, configure_sqlite, sqlite_path
 
 __all__ = ["AuditWriter", "Ticket", "audit_unavailable"]
 
@@ -120,16 +121,26 @@ class _SqliteConnection:
 
     Under writes with no pause a background checkpoint never catches the log's end, and the
     log is only reused from its start once a checkpoint has: measured, it grew to 850 MB in
-    20 s at 3,600 records/s. So when a checkpoint finds more than ``WAL_LIMIT_PAGES`` in
-    the log, the writer's own thread runs one more right after its next commit, before any
-    further audit write: it copies what arrived since the background one, and the next
-    write starts the log again from its beginning, so the file stops growing at about that
-    size. That checkpoint holds audit commits for its duration (10-30 ms measured, once per
-    64 MB of log: every 2 s or so at a sustained 1,000 records/s).
+    20 s at 3,600 records/s. So when a background checkpoint ends with more than
+    ``WAL_LIMIT_BYTES`` in the log, the writer's own thread runs one more right away, before
+    any further audit write: it copies what arrived meanwhile, and the next commit starts
+    the log again from its beginning. That checkpoint holds audit commits for its duration
+    (10-30 ms measured, once per 64 MB of log: every 2 s or so at a sustained 1,000
+    records/s).
+
+    A disk whose checkpoints are slower than the writes would still let the log grow while
+    one runs. So once a background checkpoint has run for ``CHECKPOINT_ROWS`` records, each
+    flush looks at the ``-wal`` file's size (one ``stat``); past twice the limit, the next
+    flush waits for that checkpoint and then checkpoints on the writer's thread: the file
+    stays under twice the limit plus one flush, and the writes wait for the disk (counted in
+    ``sharedcare_audit_wal_waits_total``). Starting the log again cuts a file larger than
+    that back to twice the limit (``journal_size_limit``); a smaller one is kept and reused.
+    A reader still using the log's end keeps it from starting again; the next check tries
+    again.
     """
 
     CHECKPOINT_ROWS = 250
-    WAL_LIMIT_PAGES = 16384  # 64 MB of 4 KB pages
+    WAL_LIMIT_BYTES = WAL_FILE_LIMIT_BYTES // 2  # 64 MB
 
     def __init__(self, path: str, synchronous: str):
         self.path = path
@@ -138,14 +149,16 @@ class _SqliteConnection:
         self._threads: dict[str, ThreadPoolExecutor] = {}
         self._since_checkpoint = 0
         self._checkpoint: asyncio.Future[tuple[int, int, int]] | None = None
-        self._catch_up = False  # the WAL is past its limit: checkpoint on the writer's thread
+        self._behind = False  # past twice the limit: checkpoint before the next write
+        self._frame_bytes = 24 + 4096  # a WAL frame: its header and one page
 
     def _connection(self, role: str) -> sqlite3.Connection:
         conn = self._conns.get(role)
         if conn is None:
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            configure_sqlite(conn, self.synchronous)
+            configure_sqlite(conn, self.synchronous, 2 * self.WAL_LIMIT_BYTES)
             conn.execute("PRAGMA wal_autocheckpoint=0")
+            self._frame_bytes = 24 + int(conn.execute("PRAGMA page_size").fetchone()[0])
             self._conns[role] = conn
         return conn
 
@@ -169,30 +182,51 @@ class _SqliteConnection:
 
     async def write(self, rows: list[EventRow]) -> None:
         values, people = sqlite_values(rows)  # CPU work stays out of the writer's thread
+        if self._behind:
+            await self._catch_up()
         await self._submit("write", insert_rows_sqlite, values, people)
         self._since_checkpoint += len(rows)
-        if self._catch_up:
-            # Queued on the writer's thread: it runs before the next flush's inserts.
-            self._catch_up = False
-            self._submit("write", _checkpoint).add_done_callback(self._caught_up)
-        elif self._since_checkpoint >= self.CHECKPOINT_ROWS and self._checkpoint is None:
+        if self._since_checkpoint < self.CHECKPOINT_ROWS:
+            return
+        if self._checkpoint is not None:
+            if self._log_bytes() > 2 * self.WAL_LIMIT_BYTES:
+                self._behind = True  # this flush's callers are told now; the next one waits
+        else:
             self._since_checkpoint = 0
             self._checkpoint = self._submit("checkpoint", _checkpoint)
             self._checkpoint.add_done_callback(self._checkpointed)
 
+    def _log_bytes(self) -> int:
+        try:
+            return os.stat(self.path + "-wal").st_size
+        except OSError:
+            return 0
+
+    async def _catch_up(self) -> None:
+        """Checkpoint on the writer's thread (one checkpointer at a time: after any other)."""
+        get_audit_metrics().wal_waits_total.inc()
+        if self._checkpoint is not None:
+            await asyncio.gather(self._checkpoint, return_exceptions=True)
+        self._behind = False
+        self._since_checkpoint = 0
+        try:
+            await self._submit("write", _checkpoint)
+        except sqlite3.Error as exc:  # the records still go in; the next check tries again
+            log.warning("audit WAL checkpoint failed", error=repr(exc)[:300])
+
     def _checkpointed(self, done: asyncio.Future[tuple[int, int, int]]) -> None:
         self._checkpoint = None
-        if done.cancelled():
-            return
-        if done.exception() is not None:
-            log.warning("audit WAL checkpoint failed", error=repr(done.exception())[:300])
+        if done.cancelled() or done.exception() is not None:
+            self._report_failure(done)
             return
         _busy, in_log, _copied = done.result()
-        if in_log > self.WAL_LIMIT_PAGES:
-            self._catch_up = True
+        if in_log * self._frame_bytes > self.WAL_LIMIT_BYTES and self._threads:
+            # Queued on the writer's thread now, while the log's end is near what this one
+            # copied: it runs before the next flush's inserts.
+            self._submit("write", _checkpoint).add_done_callback(self._report_failure)
 
     @staticmethod
-    def _caught_up(done: asyncio.Future[tuple[int, int, int]]) -> None:
+    def _report_failure(done: asyncio.Future[tuple[int, int, int]]) -> None:
         if not done.cancelled() and done.exception() is not None:
             log.warning("audit WAL checkpoint failed", error=repr(done.exception())[:300])
 

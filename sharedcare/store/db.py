@@ -101,16 +101,27 @@ def sqlite_path(url: str) -> str | None:
     return path
 
 
-def configure_sqlite(dbapi_conn: Any, synchronous: str) -> None:
+WAL_FILE_LIMIT_BYTES: Final = 128 * 1024 * 1024  # what a SQLite -wal file is cut back to
+
+
+def configure_sqlite(
+    dbapi_conn: Any, synchronous: str, wal_limit: int = WAL_FILE_LIMIT_BYTES
+) -> None:
     """The settings every SQLite connection of the hub runs with (WAL, durability, waits).
 
     Autocommit at the driver: callers issue BEGIN themselves (SQLAlchemy's "begin" event
     below; pysqlite's implicit BEGIN is DEFERRED and would hide our IMMEDIATE).
+
+    ``journal_size_limit``: whichever connection starts the write-ahead log again from its
+    beginning also cuts a file larger than ``wal_limit`` bytes back to that, so a burst of
+    writes (or a long reader) does not leave a file of its size behind, and the audit writer
+    can tell a log past that size from the file's size (see ``sharedcare.audit.writer``).
     """
     dbapi_conn.isolation_level = None
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute(f"PRAGMA synchronous={synchronous}")
+    cur.execute(f"PRAGMA journal_size_limit={int(wal_limit)}")
     cur.execute("PRAGMA busy_timeout=10000")
     cur.execute("PRAGMA foreign_keys=ON")
     cur.close()
