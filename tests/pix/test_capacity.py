@@ -34,7 +34,7 @@ async def _hold_every_connection(app: Any) -> list[Any]:
     held: list[Any] = []
     while True:
         try:
-            async with asyncio.timeout(0.5):
+            async with asyncio.timeout(2.0):  # a new connection: ~20 ms, more when slow
                 held.append(await app.state.db.engine.raw_connection())
         except TimeoutError:
             return held

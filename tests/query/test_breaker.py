@@ -30,11 +30,13 @@ async def silent_provider() -> AsyncIterator[str]:
 
 
 async def _opened(silent_provider: str) -> ProviderClients:
-    clients = ProviderClients(breaker_failures=1, breaker_open_seconds=0.05)
+    clients = ProviderClients(breaker_failures=1, breaker_open_seconds=10)
     first = await clients.get("p", silent_provider, 0.05)
     assert first.failure == "timeout"
     assert (await clients.get("p", silent_provider, 0.05)).failure == "circuit_open"
-    await asyncio.sleep(0.08)  # the open period is over: the next request is the trial
+    # The open period ends (set, not slept: a stall on a slow machine must not end it
+    # before the line above runs): the next request is the trial.
+    clients.breaker("p").open_until = 0.0
     return clients
 
 

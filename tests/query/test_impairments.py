@@ -45,8 +45,9 @@ async def test_an_impaired_provider_becomes_an_outcome_entry(
     nhs = federated.people_at(*ALL)[0]
     federated.faults("gp-b86001", **faults)
     started = time.monotonic()
-    r = await federated.search("Observation", nhs, headers={"X-Provider-Wait-Time": "300"})
-    assert time.monotonic() - started < 2.0
+    # The healthy providers answer in ~50 ms; 1 s leaves room for a slow machine's stalls.
+    r = await federated.search("Observation", nhs, headers={"X-Provider-Wait-Time": "1000"})
+    assert time.monotonic() - started < 2.5
     assert r.status_code == 200, r.text
     bundle = r.json()
     assert sources(bundle) == {"leeds-pas", "community-rxf"}
@@ -91,10 +92,10 @@ async def test_the_wait_counts_from_when_the_hub_received_the_request(federated:
     nhs = federated.people_at(*ALL)[0]
     federated.faults("leeds-pas", latency_ms=[400, 400])
     form = urlencode({"patient.identifier": f"{NHS}|{nhs}"}).encode()
-    headers = {"Content-Type": "application/x-www-form-urlencoded", "X-Provider-Wait-Time": "700"}
+    headers = {"Content-Type": "application/x-www-form-urlencoded", "X-Provider-Wait-Time": "1000"}
 
     async def late_body() -> AsyncIterator[bytes]:
-        await asyncio.sleep(0.4)
+        await asyncio.sleep(0.7)
         yield form
 
     for _ in range(4):  # more than query_breaker_failures (3 in the fixture)
@@ -105,9 +106,9 @@ async def test_the_wait_counts_from_when_the_hub_received_the_request(federated:
         assert "leeds-pas" not in sources(r.json())  # 400 ms latency, 300 ms of the wait left
         [issue] = [i for i in outcomes(r.json()) if "leeds-pas" in i["diagnostics"]]
         assert issue["code"] == "timeout"
-        assert "ms left of the 700 ms wait" in issue["diagnostics"]
+        assert "ms left of the 1000 ms wait" in issue["diagnostics"]
     # The hub's lateness was not held against the provider: its breaker is still closed,
-    # and given the whole 700 ms it answers.
+    # and given the whole 1000 ms it answers.
     r = await federated.http.post("/fhir/Observation/_search", content=form, headers=headers)
     assert "leeds-pas" in sources(r.json())
 

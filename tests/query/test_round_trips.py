@@ -66,7 +66,7 @@ async def test_the_hubs_checking_is_not_the_providers_round_trip(
     assert got.sent_at <= got.done_at <= ended
     # The whole call took the hub's work too; the provider's share did not.
     assert ended - started >= hub_work_s
-    assert got.seconds < 0.15
+    assert got.seconds <= (ended - started) - hub_work_s
     assert ended - got.done_at >= hub_work_s
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from datetime import timedelta
 
 import pytest
@@ -137,7 +138,8 @@ async def test_worker_processes_retries_and_dead_letters(db: Database) -> None:
 
     worker = Worker(db, "w", handler, backoff=q.Backoff(base=0.01, cap=0.02), idle_poll=0.02)
     task = asyncio.create_task(worker.run())
-    for _ in range(200):
+    give_up = time.monotonic() + 20  # ~0.5 s normally; a slow machine must not cut it short
+    while time.monotonic() < give_up:
         if len(seen) == 30 and all(seen[n] == 2 for n in range(0, 30, 5)):
             break
         await asyncio.sleep(0.02)

@@ -109,7 +109,7 @@ def test_open_loop_does_not_wait_for_a_slow_server() -> None:
     assert result.ok == 20
     # Every request was sent before the first answer could arrive (a closed loop would have
     # sent one per connection and waited).
-    assert result.sending_s < 0.9 and min(result.latencies_ms) >= 1000
+    assert result.sending_s < 0.95 and min(result.latencies_ms) >= 1000
 
 
 def test_latency_includes_waiting_for_a_connection() -> None:

@@ -32,9 +32,9 @@ def test_it_reads_every_commit_and_never_waits_for_a_write_in_progress(tmp_path:
 
     writer.execute("BEGIN IMMEDIATE")  # the hub's writer, mid-transaction
     writer.execute("INSERT INTO t VALUES (2)")
-    started = time.perf_counter()
+    # Read while the write holds the lock throughout: a reader that waited for it would
+    # give up after INLINE_BUSY_MS with a 503 instead of answering.
     assert [r["x"] for r in reader.fetch("SELECT x FROM t ORDER BY x")] == [1]
-    assert time.perf_counter() - started < INLINE_BUSY_MS / 1000  # no busy wait at all
     writer.execute("COMMIT")
     assert [r["x"] for r in reader.fetch("SELECT x FROM t ORDER BY x")] == [1, 2]
     reader.close()
