@@ -220,9 +220,10 @@ class _SqliteConnection:
             self._report_failure(done)
             return
         _busy, in_log, _copied = done.result()
-        if in_log * self._frame_bytes > self.WAL_LIMIT_BYTES and self._threads:
+        if in_log * self._frame_bytes > self.WAL_LIMIT_BYTES and self._threads and not self._behind:
             # Queued on the writer's thread now, while the log's end is near what this one
-            # copied: it runs before the next flush's inserts.
+            # copied: it runs before the next flush's inserts. (A flush that is behind
+            # waits for this checkpoint and runs that one itself: not twice.)
             self._submit("write", _checkpoint).add_done_callback(self._report_failure)
 
     @staticmethod

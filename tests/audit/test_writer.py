@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sqlite3
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -419,8 +420,6 @@ async def test_sqlite_audit_wal_is_cut_back_after_a_reader_held_it_open(
     """A reader that keeps one snapshot open (a long report) stops the log starting again,
     so it grows while the reader lasts; once the reader is gone the next catch-up starts it
     again and the file is cut back to twice its limit, not left at the size it reached."""
-    import sqlite3
-
     limit = 400_000
     writer, path = await _sqlite_writer(backend, db, WAL_LIMIT_BYTES=limit)
     reader = sqlite3.connect(path, isolation_level=None)
