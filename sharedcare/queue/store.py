@@ -25,8 +25,9 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import orjson
-from sqlalchemy import and_, func, or_, select, text, update
+from sqlalchemy import DateTime, and_, func, or_, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import dialect as _sqlite_dialect_class
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -194,11 +195,43 @@ async def _promote(conn: AsyncConnection, queue: str, partitions: list[str], now
     )
 
 
+_sqlite_dialect = _sqlite_dialect_class()
+
+# A read that finds nothing to claim, on SQLite's inline reader (Database.inline): the same
+# condition as _claimable, with instants in the form SQLAlchemy stores them.
+_SQLITE_CLAIMABLE = (
+    "SELECT 1 FROM queue_items WHERE queue = ? AND ((state = ? AND available_at <= ?) "
+    "OR (state = ? AND leased_until < ?)) LIMIT 1"
+)
+_SQLITE_INSTANT = DateTime().dialect_impl(_sqlite_dialect).bind_processor(_sqlite_dialect)
+
+
+async def claimable(db: Database, queue: str, now: datetime | None = None) -> bool:
+    """Whether ``queue`` has an item to claim now: a read, which takes no write lock.
+
+    An idle worker polls several times a second in every hub process. Through a write
+    transaction, each empty poll held SQLite's single write lock (and the event loop, for
+    SQLAlchemy's work) while the hub's requests waited for their audit commits behind it.
+    """
+    now = now or now_utc()
+    if db.inline is not None:
+        at = _SQLITE_INSTANT(now)
+        return bool(db.inline.fetch(_SQLITE_CLAIMABLE, (queue, READY, at, LEASED, at)))
+    async with db.read() as conn:
+        found = await conn.execute(select(queue_items.c.id).where(_claimable(queue, now)).limit(1))
+        return found.first() is not None
+
+
 async def claim(
     db: Database, queue: str, *, limit: int = 50, lease: float = 30.0, owner: str = ""
 ) -> list[Item]:
-    """Lease up to ``limit`` ready items of ``queue``, oldest first."""
+    """Lease up to ``limit`` ready items of ``queue``, oldest first.
+
+    The write transaction is only opened when :func:`claimable` finds something.
+    """
     now = now_utc()
+    if not await claimable(db, queue, now):
+        return []
     q = queue_items.c
     candidates = select(q.id).where(_claimable(queue, now)).order_by(q.id).limit(limit)
     if db.dialect == "postgresql":

@@ -284,3 +284,53 @@ async def test_a_worker_prunes_its_finished_items(db: Database) -> None:
     assert sorted(handled) == [0, 1, 2, 3, 4]
     assert await _states(db, "w") == {}
     assert await _states(db, "x") == {q.DONE: 1}
+
+
+# Each row: how the only item of the queue stands, and whether a worker may take it now.
+ITEM_STATES = [
+    ("ready now", {"state": q.READY, "available_at": -1}, True),
+    ("ready in a minute", {"state": q.READY, "available_at": 60}, False),
+    ("leased, lease live", {"state": q.LEASED, "leased_until": 30}, False),
+    ("leased, lease expired", {"state": q.LEASED, "leased_until": -1}, True),
+    ("waiting behind its partition", {"state": q.WAITING, "available_at": -1}, False),
+    ("done", {"state": q.DONE, "available_at": -1}, False),
+    ("dead", {"state": q.DEAD, "available_at": -1}, False),
+]
+
+
+@pytest.mark.parametrize(("case", "values", "takeable"), ITEM_STATES, ids=[c[0] for c in ITEM_STATES])
+async def test_the_idle_probe_agrees_with_the_claim(
+    db: Database, case: str, values: dict[str, object], takeable: bool
+) -> None:
+    await put(db, "t", 1)
+    now = now_utc()
+    moved = {k: now + timedelta(seconds=v) if k != "state" else v for k, v in values.items()}
+
+    async def set_state(conn):
+        await conn.execute(update(queue_items).values(**moved))
+
+    await db.write(set_state)
+    assert await q.claimable(db, "t") is takeable
+    assert bool(await q.claim(db, "t")) is takeable
+    assert await q.claimable(db, "other") is False
+
+
+async def test_an_empty_poll_takes_no_write_lock(db: Database, database_url: str) -> None:
+    """A worker polling an empty queue must not queue behind (or hold up) the hub's writers."""
+    if db.dialect != "sqlite":
+        pytest.skip("SQLite has one write lock for the whole file; PostgreSQL locks rows")
+    import sqlite3
+
+    from sharedcare.store.db import sqlite_path
+
+    holder = sqlite3.connect(sqlite_path(database_url), isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # another process's write transaction, in progress
+    try:
+        started = time.monotonic()
+        assert await q.claim(db, "t") == []
+        assert time.monotonic() - started < 1.0  # not the 5 s busy timeout of a write
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    await put(db, "t", 1)  # and with an item, the claim still takes it
+    assert len(await q.claim(db, "t")) == 1
