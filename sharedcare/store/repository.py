@@ -12,6 +12,7 @@ statement that writes every row (``_PG_CREATE``).
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -63,6 +64,14 @@ _ROWS_ATTR = {
 }
 
 _PG_READ = "SELECT version, last_updated, deleted, body FROM resources WHERE type = $1 AND id = $2"
+# Store.by_token and Store.bodies, in SQLite's (?) or PostgreSQL's ($n) placeholders.
+_BY_TOKEN = (
+    "SELECT body FROM resources WHERE type = {} AND NOT deleted AND rid IN ("
+    "SELECT rid FROM idx_token WHERE type = {} AND param = {} AND code = {} AND system = {}) "
+    "ORDER BY rid LIMIT {}"
+)
+_BY_TOKEN_PG = _BY_TOKEN.format(*(f"${n}" for n in range(1, 7)))
+_BODIES = "SELECT id, body FROM resources WHERE type = {} AND NOT deleted AND {}"
 
 
 def _pg_create_sql() -> str:
@@ -444,6 +453,36 @@ class Store:
         """Serialise writers on ``key`` (conditional create); SQLite has one writer already."""
         if self.db.dialect == "postgresql":
             await conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:k))"), {"k": key})
+
+    async def by_token(
+        self, rtype: str, param: str, system: str, code: str, *, limit: int
+    ) -> list[bytes]:
+        """Bodies of live ``rtype`` resources whose ``param`` token is ``system|code``, in
+        creation order: the search ``{rtype}?{param}={system}|{code}`` as one statement.
+
+        For the hub's own hot lookups (the registry refreshes each system a client or a
+        query uses about once a second, in every process). Through the search machinery on
+        SQLite that was 1.7 ms of the event loop each; here it is an inline index probe
+        (:class:`~sharedcare.store.db.InlineReader`), and one asyncpg statement on PostgreSQL.
+        """
+        params = (rtype, rtype, param, code, system, limit)
+        if self.db.inline is not None:
+            return [row[0] for row in self.db.inline.fetch(_BY_TOKEN.format(*"??????"), params)]
+        async with self.db.driver() as driver:
+            return [row[0] for row in await driver.fetch(_BY_TOKEN_PG, *params)]
+
+    async def bodies(self, rtype: str, ids: Iterable[str]) -> dict[str, bytes]:
+        """Bodies of the live ``rtype`` resources among ``ids``, by id (missing ones left out)."""
+        wanted = sorted(set(ids))
+        if not wanted:
+            return {}
+        if self.db.inline is not None:
+            marks = ", ".join("?" * len(wanted))
+            rows = self.db.inline.fetch(_BODIES.format("?", f"id IN ({marks})"), (rtype, *wanted))
+        else:
+            async with self.db.driver() as driver:
+                rows = await driver.fetch(_BODIES.format("$1", "id = ANY($2::text[])"), rtype, wanted)
+        return {row[0]: row[1] for row in rows}
 
     async def count(self, rtype: str) -> int:
         async with self.db.read() as conn:

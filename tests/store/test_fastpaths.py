@@ -13,6 +13,7 @@ from typing import Any
 
 import asyncpg
 import httpx
+import orjson
 import pytest
 from helpers import FHIR_JSON, nhs_number, patient
 from sqlalchemy import select, text
@@ -235,3 +236,37 @@ async def test_driver_connection_errors_are_translated_and_the_pool_keeps_its_co
         assert await conn.fetchval("SELECT count(*) FROM resources WHERE type = 'Patient'") == 1
     async with db.read() as conn:  # the SQLAlchemy side of the same pool still works
         assert (await conn.execute(text("SELECT 1"))).scalar_one() == 1
+
+
+@pytest.mark.parametrize("limit", [1, 2, 20])
+async def test_by_token_and_bodies_answer_as_the_search_does(
+    app: Any, client: httpx.AsyncClient, limit: int
+) -> None:
+    """The registry's lookups (Store.by_token, Store.bodies) against the search they replace:
+    the same live resources in the same order, deleted ones and other systems left out."""
+    store: Store = app.state.fhir.store
+    system = "https://example.org/Id/lookup"
+
+    async def made(given: str, ident_system: str, code: str) -> str:
+        body = {**patient(family="Lookup", given=given), "identifier": [{"system": ident_system, "value": code}]}
+        return (await client.post("/fhir/Patient", json=body, headers=FHIR_JSON)).json()["id"]
+
+    first, gone_id, other_system = (
+        await made("Ann", system, "x-1"),
+        await made("Bea", system, "x-1"),
+        await made("Cy", "https://example.org/Id/other", "x-1"),
+    )
+    third = await made("Dee", system, "x-1")
+    assert (await client.delete(f"/fhir/Patient/{gone_id}")).status_code in (200, 204)
+
+    searched = (await client.get(f"/fhir/Patient?identifier={system}|x-1&_count={limit}")).json()
+    expected = [e["resource"]["id"] for e in searched.get("entry", [])]
+    assert expected == [first, third][:limit]
+    found = await store.by_token("Patient", "identifier", system, "x-1", limit=limit)
+    assert [orjson.loads(b)["id"] for b in found] == expected
+    assert await store.by_token("Patient", "identifier", system, "x-2", limit=limit) == []
+
+    bodies = await store.bodies("Patient", [first, gone_id, other_system, "no-such-id"])
+    assert sorted(bodies) == sorted([first, other_system])
+    assert orjson.loads(bodies[first])["name"][0]["given"] == ["Ann"]
+    assert await store.bodies("Patient", []) == {}
