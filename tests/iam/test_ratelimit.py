@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
+from sqlalchemy import make_url
 
 from sharedcare.iam.ratelimit import RateLimiter
 from sharedcare.settings import Settings
-from sharedcare.store.db import Database
+from sharedcare.store.db import Database, sqlite_path
 
 
 @pytest.fixture
@@ -52,3 +57,44 @@ async def test_processes_share_one_bucket(app: Any, settings: Settings, burst: i
         assert await limiters[1].take("someone-else") is None  # buckets are per client
     finally:
         await other.close()
+
+
+@asynccontextmanager
+async def _bucket_locked(db: Database, client_id: str) -> AsyncIterator[None]:
+    """Another process's write holding the client's bucket: a refill now waits for it."""
+    if db.dialect == "sqlite":
+        holder = sqlite3.connect(sqlite_path(db.url), isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        return
+    conn = await asyncpg.connect(make_url(db.url).set(drivername="postgresql").render_as_string(False))
+    try:
+        async with conn.transaction():
+            await conn.execute("SELECT 1 FROM iam_rate WHERE client_id = $1 FOR UPDATE", client_id)
+            yield
+    finally:
+        await conn.close()
+
+
+async def test_a_busy_client_never_waits_for_its_next_lease(app: Any) -> None:
+    """The next lease is taken while the current one still has tokens: requests that keep
+    coming spend on, even while the bucket's row is held by another process's write."""
+    now = [1_000.0]
+    limiter = RateLimiter(app.state.db, rate=100.0, burst=200, clock=lambda: now[0])  # leases of 10
+    assert await limiter.take("busy") is None  # the first lease: this one waits for the write
+    for _ in range(7):  # 2 of 10 left: the next lease is on its way
+        assert await limiter.take("busy") is None
+    for _ in range(200):  # it lands
+        await asyncio.sleep(0.01)
+        if not limiter._topping_up:
+            break
+    async with _bucket_locked(app.state.db, "busy"):
+        started = time.monotonic()
+        async with asyncio.timeout(3):  # a refill would wait for the row as long as it is held
+            results = [await limiter.take("busy") for _ in range(12)]  # 2 left + the new 10
+        assert results == [None] * 12
+        assert time.monotonic() - started < 1.0  # none of them waited for the locked row
