@@ -106,10 +106,7 @@ class RateLimiter:
     def _top_up_soon(self, client_id: str, now: float) -> None:
         """Take the next lease in the background once this one is nearly spent or nearly
         over, so that a busy client's requests do not wait for the database's write."""
-        held = self._leases[client_id]
-        if client_id in self._topping_up or (
-            held[0] > self.lease * TOP_UP_AT and held[1] - now > LEASE_SECONDS * TOP_UP_AT
-        ):
+        if client_id in self._topping_up or not self._nearly_over(self._leases[client_id], now):
             return
         task = asyncio.ensure_future(self._top_up(client_id))
         self._topping_up[client_id] = task
@@ -119,12 +116,15 @@ class RateLimiter:
         async with self._lock(client_id):  # after a refill in progress, not beside it
             now = self.clock()
             held = self._leases.get(client_id)
-            if held is None or now >= held[1] or held[0] > self.lease * TOP_UP_AT:
+            if held is None or now >= held[1] or not self._nearly_over(held, now):
                 return  # lapsed (the next request refills it) or refilled meanwhile
             granted, _left = await self._take_shared(client_id, now)
             if granted >= 1:
                 # Tokens still held carry over: each was taken from the shared bucket once.
                 self._leases[client_id] = [held[0] + granted, now + LEASE_SECONDS]
+
+    def _nearly_over(self, held: list[float], now: float) -> bool:
+        return held[0] <= self.lease * TOP_UP_AT or held[1] - now <= LEASE_SECONDS * TOP_UP_AT
 
     def _topped_up(self, client_id: str, done: asyncio.Future[None]) -> None:
         self._topping_up.pop(client_id, None)

@@ -80,21 +80,31 @@ async def _bucket_locked(db: Database, client_id: str) -> AsyncIterator[None]:
         await conn.close()
 
 
-async def test_a_busy_client_never_waits_for_its_next_lease(app: Any) -> None:
-    """The next lease is taken while the current one still has tokens: requests that keep
-    coming spend on, even while the bucket's row is held by another process's write."""
+@pytest.mark.parametrize(
+    ("runs_out", "spent", "later_s"),
+    [("tokens", 7, 0.0), ("time", 1, 0.8)],  # 2 of 10 tokens left; 0.2 s of 1 s left
+)
+async def test_a_busy_client_never_waits_for_its_next_lease(
+    app: Any, runs_out: str, spent: int, later_s: float
+) -> None:
+    """The next lease is taken while the current one still has tokens and time: requests
+    that keep coming spend on, even while the bucket's row is held by another process's
+    write."""
     now = [1_000.0]
     limiter = RateLimiter(app.state.db, rate=100.0, burst=200, clock=lambda: now[0])  # leases of 10
     assert await limiter.take("busy") is None  # the first lease: this one waits for the write
-    for _ in range(7):  # 2 of 10 left: the next lease is on its way
+    now[0] += later_s
+    for _ in range(spent):  # the lease is nearly over: the next one is on its way
         assert await limiter.take("busy") is None
     for _ in range(200):  # it lands
         await asyncio.sleep(0.01)
         if not limiter._topping_up:
             break
+    left = 10 - 1 - spent
+    now[0] += 0.5  # within the new lease (and, in the "time" case, past the first one)
     async with _bucket_locked(app.state.db, "busy"):
         started = time.monotonic()
         async with asyncio.timeout(3):  # a refill would wait for the row as long as it is held
-            results = [await limiter.take("busy") for _ in range(12)]  # 2 left + the new 10
-        assert results == [None] * 12
+            results = [await limiter.take("busy") for _ in range(left + 10)]
+        assert results == [None] * (left + 10)
         assert time.monotonic() - started < 1.0  # none of them waited for the locked row
