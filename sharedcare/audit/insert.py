@@ -109,11 +109,17 @@ def sqlite_values(
 
 
 def insert_rows_sqlite(
-    conn: sqlite3.Connection, values: list[tuple[Any, ...]], people: list[tuple[str, str]]
+    conn: sqlite3.Connection,
+    values: list[tuple[Any, ...]],
+    people: list[tuple[str, str]],
+    *,
+    begun: bool = False,
 ) -> None:
-    """One whole write transaction on a driver-autocommit ``sqlite3`` connection (blocking:
-    run it in a thread). ``BEGIN IMMEDIATE`` waits out another writer (``busy_timeout``)."""
-    conn.execute("BEGIN IMMEDIATE")
+    """One whole write transaction on a driver-autocommit ``sqlite3`` connection (blocking).
+    ``BEGIN IMMEDIATE`` waits out another writer (``busy_timeout``); with ``begun`` the
+    caller has taken the write lock already."""
+    if not begun:
+        conn.execute("BEGIN IMMEDIATE")
     try:
         conn.executemany(_SQLITE_EVENTS, values)
         if people:

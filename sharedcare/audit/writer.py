@@ -53,11 +53,19 @@ from sharedcare.audit.metrics import get_audit_metrics, hot_audit_metrics
 from sharedcare.audit.record import SUCCESS, AuditRecord, to_audit_event
 from sharedcare.fhir.errors import FHIRError
 from sharedcare.registry.model import HUB
-from sharedcare.store.db import WAL_FILE_LIMIT_BYTES, Database, configure_sqlite, sqlite_path
+from sharedcare.store.db import (
+    INLINE_BUSY_MS,
+    WAL_FILE_LIMIT_BYTES,
+    Database,
+    configure_sqlite,
+    sqlite_path,
+)
 
 __all__ = ["AuditWriter", "Ticket", "audit_unavailable"]
 
 log = structlog.get_logger("sharedcare.audit")
+BUSY_TIMEOUT_S = 10.0  # the longest a flush waits for another writer's lock (busy_timeout)
+LOCK_RETRY_S = 0.0005  # how soon an inline flush tries a taken write lock again
 
 
 def audit_unavailable(reason: str) -> FHIRError:
@@ -103,13 +111,24 @@ class _Connections:
 
 
 class _SqliteConnection:
-    """The writer's own SQLite connection, used only from the writer's own thread.
+    """The writer's own SQLite connections.
 
-    A flush is one hop to that thread running the whole transaction (BEGIN IMMEDIATE,
-    inserts, COMMIT: about 10 µs of SQLite work in WAL mode), where the hub's write path
-    (SQLAlchemy over aiosqlite) costs five hops and about 1.4 ms per transaction. SQLite's
-    own lock serialises it with every other writer, in this process or another; a busy
-    database is waited out in the thread (``busy_timeout``), never on the event loop.
+    A flush is one whole transaction (BEGIN IMMEDIATE, inserts, COMMIT: about 10 µs of
+    SQLite work in WAL mode), where the hub's write path (SQLAlchemy over aiosqlite) costs
+    five hops and about 1.4 ms per transaction. SQLite's own lock serialises it with every
+    other writer, in this process or another.
+
+    With ``synchronous`` OFF or NORMAL (the default) a commit does not wait for the disk,
+    and the transaction runs on the event loop's own thread. It takes the write lock
+    without waiting: when another writer holds it, the flush tries again every
+    :data:`LOCK_RETRY_S` while the loop goes on, for up to :data:`BUSY_TIMEOUT_S`. It used to
+    run on a thread of its own, and under load each of its handoffs of the interpreter's
+    lock waited for the busy event loop (up to its 5 ms switch interval), while it held
+    SQLite's write lock; the other hub processes' writers then slept in SQLite's busy
+    handler (1, 2, 5, 10 ms...). On a federated query at half of saturation, that wait was
+    most of the internal round trip's 99th percentile (bench/sync_query.py). With FULL or
+    EXTRA a commit waits for the disk, and the transaction runs on the writer's thread,
+    where a busy database is waited out (``busy_timeout``), never on the event loop.
 
     Checkpoints: by default the commit that takes the WAL past 1,000 pages copies it into
     the database and syncs both files, several milliseconds that at 1,000 records/s fell
@@ -145,6 +164,8 @@ class _SqliteConnection:
     def __init__(self, path: str, synchronous: str):
         self.path = path
         self.synchronous = synchronous
+        self.inline = synchronous.upper() in ("OFF", "NORMAL")
+        self._queued: asyncio.Future[Any] | None = None  # a catch-up queued on the thread
         self._conns: dict[str, sqlite3.Connection] = {}
         self._threads: dict[str, ThreadPoolExecutor] = {}
         self._since_checkpoint = 0
@@ -184,7 +205,12 @@ class _SqliteConnection:
         values, people = sqlite_values(rows)  # CPU work stays out of the writer's thread
         if self._behind:
             await self._catch_up()
-        await self._submit("write", insert_rows_sqlite, values, people)
+        elif self._queued is not None:  # a catch-up checkpoint goes before these inserts
+            await asyncio.gather(self._queued, return_exceptions=True)
+        if self.inline:
+            await self._write_inline(values, people)
+        else:
+            await self._submit("write", insert_rows_sqlite, values, people)
         self._since_checkpoint += len(rows)
         if self._since_checkpoint < self.CHECKPOINT_ROWS:
             return
@@ -195,6 +221,22 @@ class _SqliteConnection:
             self._since_checkpoint = 0
             self._checkpoint = self._submit("checkpoint", _checkpoint)
             self._checkpoint.add_done_callback(self._checkpointed)
+
+    async def _write_inline(
+        self, values: list[tuple[Any, ...]], people: list[tuple[str, str]]
+    ) -> None:
+        conn = self._connection("inline")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + BUSY_TIMEOUT_S
+        try:
+            while not _try_begin(conn):
+                if loop.time() >= deadline:
+                    raise sqlite3.OperationalError("database is locked")
+                await asyncio.sleep(LOCK_RETRY_S)
+            insert_rows_sqlite(conn, values, people, begun=True)
+        except sqlite3.Error:
+            self._close("inline")  # reopened next time, as in _run
+            raise
 
     def _log_bytes(self) -> int:
         try:
@@ -224,7 +266,13 @@ class _SqliteConnection:
             # Queued on the writer's thread now, while the log's end is near what this one
             # copied: it runs before the next flush's inserts. (A flush that is behind
             # waits for this checkpoint and runs that one itself: not twice.)
-            self._submit("write", _checkpoint).add_done_callback(self._report_failure)
+            self._queued = self._submit("write", _checkpoint)
+            self._queued.add_done_callback(self._caught_up)
+
+    def _caught_up(self, done: asyncio.Future[tuple[int, int, int]]) -> None:
+        if self._queued is done:
+            self._queued = None
+        self._report_failure(done)
 
     @staticmethod
     def _report_failure(done: asyncio.Future[tuple[int, int, int]]) -> None:
@@ -237,13 +285,33 @@ class _SqliteConnection:
             conn.close()
 
     async def close(self) -> None:
-        if self._checkpoint is not None:
-            await asyncio.gather(self._checkpoint, return_exceptions=True)
+        for pending in (self._checkpoint, self._queued):
+            if pending is not None:
+                await asyncio.gather(pending, return_exceptions=True)
+        self._close("inline")
         loop = asyncio.get_running_loop()
         threads, self._threads = self._threads, {}
         for role, thread in threads.items():
             await loop.run_in_executor(thread, self._close, role)
             thread.shutdown(wait=False)
+
+
+def _try_begin(conn: sqlite3.Connection) -> bool:
+    """``BEGIN IMMEDIATE`` if the write lock is free now; False if another writer holds it.
+
+    The statements after it may wait :data:`INLINE_BUSY_MS` (the write lock is held, so
+    only a WAL recovery could make them), then fail the flush: never longer on the loop.
+    """
+    conn.execute("PRAGMA busy_timeout=0")
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+    except sqlite3.OperationalError as exc:
+        if "locked" in str(exc) or "busy" in str(exc):
+            return False
+        raise
+    finally:
+        conn.execute(f"PRAGMA busy_timeout={INLINE_BUSY_MS}")
+    return True
 
 
 def _checkpoint(conn: sqlite3.Connection) -> tuple[int, int, int]:

@@ -23,10 +23,12 @@ from sharedcare.audit.schema import audit_events
 from sharedcare.audit.trail import AuditTrail
 from sharedcare.fhir.errors import FHIRError
 from sharedcare.metrics.buffer import flush as flush_metrics
-from sharedcare.store.db import Database
+from sharedcare.store import migrate
+from sharedcare.store.db import Database, sqlite_path
 from sharedcare.store.schema import resources
 
 Make = Callable[..., AuditRecord]
+FHIR_BASE = "http://testserver/fhir"  # as the writer fixture's
 
 
 Writes = Callable[[Any, Any], Awaitable[Any]]
@@ -504,3 +506,82 @@ async def test_an_abandoned_ticket_is_shed_like_a_caller_that_gave_up(
     await first.committed()
     await writer.stop()
     assert await request_ids_on_trail(db) == {"released"}
+
+
+@pytest.mark.parametrize("synchronous", ["OFF", "NORMAL", "FULL", "EXTRA"])
+async def test_every_synchronous_setting_commits_before_record_returns(
+    backend: str, database_url: str, make_record: Make, synchronous: str
+) -> None:
+    """OFF and NORMAL commit on the event loop, FULL and EXTRA (which wait for the disk) on
+    the writer's thread: either way a record is on the trail, for every other connection,
+    when record() returns."""
+    if backend != "sqlite":
+        pytest.skip("SQLite's synchronous setting")
+    db = Database(database_url, sqlite_synchronous=synchronous)
+    await migrate.upgrade(db)
+    writer = AuditWriter(db, hub_base=FHIR_BASE)
+    await writer.start()
+    try:
+        ids = await asyncio.gather(*(writer.record(make_record(request_id=f"s-{i}")) for i in range(60)))
+        other = sqlite3.connect(sqlite_path(database_url))
+        try:
+            stored = {row[0] for row in other.execute("SELECT id FROM audit_events")}
+        finally:
+            other.close()
+        assert stored == set(ids) and len(ids) == 60
+    finally:
+        await writer.stop()
+        await db.close()
+
+
+@pytest.mark.parametrize("held_s", [0.3, 1.0])
+async def test_a_flush_waits_for_another_writer_while_the_event_loop_goes_on(
+    backend: str,
+    db: Database,
+    writer: AuditWriter,
+    make_record: Make,
+    monkeypatch: pytest.MonkeyPatch,
+    held_s: float,
+) -> None:
+    """Another process holds SQLite's write lock: the record waits for it (up to the busy
+    timeout, here 0.6 s, then a 503) and the hub's other requests are served meanwhile."""
+    if backend != "sqlite":
+        pytest.skip("SQLite's single write lock")
+    monkeypatch.setattr(writer_module, "BUSY_TIMEOUT_S", 0.6)
+    await writer.record(make_record())  # the connections are open
+    holder = sqlite3.connect(sqlite_path(db.url), isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    ticking = asyncio.create_task(ticker())
+    pending = asyncio.ensure_future(writer.record(make_record(request_id="behind-the-lock")))
+    try:
+        await asyncio.sleep(min(held_s, 0.5))
+        assert ticks >= 10  # the loop went on (about 30-50 ticks in that time)
+        if held_s < 0.6:
+            assert not pending.done()  # not committed while the lock is held
+            holder.execute("ROLLBACK")
+            rid = await asyncio.wait_for(pending, 5)
+            assert rid in {r.id for r in await _event_ids(db)}
+        else:
+            with pytest.raises(FHIRError) as refused:  # at the busy timeout, not the writer's 5 s
+                await asyncio.wait_for(pending, 2)
+            assert refused.value.status == 503
+            holder.execute("ROLLBACK")
+            await writer.record(make_record())  # the writer recovers once the lock is free
+    finally:
+        ticking.cancel()
+        if holder.in_transaction:
+            holder.execute("ROLLBACK")
+        holder.close()
+
+
+async def _event_ids(db: Database) -> list[Any]:
+    async with db.read() as conn:
+        return list((await conn.execute(select(audit_events.c.id))).all())
