@@ -54,9 +54,9 @@ from sharedcare.audit.record import SUCCESS, AuditRecord, to_audit_event
 from sharedcare.fhir.errors import FHIRError
 from sharedcare.registry.model import HUB
 from sharedcare.store.db import (
-    INLINE_BUSY_MS,
     WAL_FILE_LIMIT_BYTES,
     Database,
+    begin_inline,
     configure_sqlite,
     sqlite_path,
 )
@@ -65,7 +65,6 @@ __all__ = ["AuditWriter", "Ticket", "audit_unavailable"]
 
 log = structlog.get_logger("sharedcare.audit")
 BUSY_TIMEOUT_S = 10.0  # the longest a flush waits for another writer's lock (busy_timeout)
-LOCK_RETRY_S = 0.0005  # how soon an inline flush tries a taken write lock again
 
 
 def audit_unavailable(reason: str) -> FHIRError:
@@ -121,7 +120,7 @@ class _SqliteConnection:
     With ``synchronous`` OFF or NORMAL (the default) a commit does not wait for the disk,
     and the transaction runs on the event loop's own thread. It takes the write lock
     without waiting: when another writer holds it, the flush tries again every
-    :data:`LOCK_RETRY_S` while the loop goes on, for up to :data:`BUSY_TIMEOUT_S`. It used to
+    :data:`~sharedcare.store.db.LOCK_RETRY_S` while the loop goes on, for up to :data:`BUSY_TIMEOUT_S`. It used to
     run on a thread of its own, and under load each of its handoffs of the interpreter's
     lock waited for the busy event loop (up to its 5 ms switch interval), while it held
     SQLite's write lock; the other hub processes' writers then slept in SQLite's busy
@@ -226,13 +225,8 @@ class _SqliteConnection:
         self, values: list[tuple[Any, ...]], people: list[tuple[str, str]]
     ) -> None:
         conn = self._connection("inline")
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + BUSY_TIMEOUT_S
         try:
-            while not _try_begin(conn):
-                if loop.time() >= deadline:
-                    raise sqlite3.OperationalError("database is locked")
-                await asyncio.sleep(LOCK_RETRY_S)
+            await begin_inline(conn, BUSY_TIMEOUT_S)
             insert_rows_sqlite(conn, values, people, begun=True)
         except sqlite3.Error:
             self._close("inline")  # reopened next time, as in _run
@@ -294,24 +288,6 @@ class _SqliteConnection:
         for role, thread in threads.items():
             await loop.run_in_executor(thread, self._close, role)
             thread.shutdown(wait=False)
-
-
-def _try_begin(conn: sqlite3.Connection) -> bool:
-    """``BEGIN IMMEDIATE`` if the write lock is free now; False if another writer holds it.
-
-    The statements after it may wait :data:`INLINE_BUSY_MS` (the write lock is held, so
-    only a WAL recovery could make them), then fail the flush: never longer on the loop.
-    """
-    conn.execute("PRAGMA busy_timeout=0")
-    try:
-        conn.execute("BEGIN IMMEDIATE")
-    except sqlite3.OperationalError as exc:
-        if "locked" in str(exc) or "busy" in str(exc):
-            return False
-        raise
-    finally:
-        conn.execute(f"PRAGMA busy_timeout={INLINE_BUSY_MS}")
-    return True
 
 
 def _checkpoint(conn: sqlite3.Connection) -> tuple[int, int, int]:

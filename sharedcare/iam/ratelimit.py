@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import sqlite3
 import time
 from collections.abc import Callable
 from typing import Any
@@ -33,6 +34,12 @@ from sharedcare.iam.sql import insert_for
 from sharedcare.store.db import Database
 
 LEASE_SECONDS = 1.0
+_SQLITE_BUCKET = "SELECT tokens, updated FROM iam_rate WHERE client_id = ?"
+_SQLITE_TAKE = (
+    "INSERT INTO iam_rate (client_id, tokens, updated, granted) VALUES (?, ?, ?, ?) "
+    "ON CONFLICT (client_id) DO UPDATE SET "
+    "tokens = excluded.tokens, updated = excluded.updated, granted = excluded.granted"
+)
 TOP_UP_AT = 0.25  # a lease with this fraction of its tokens or of its time left is topped up
 log = structlog.get_logger("sharedcare.iam")
 
@@ -152,6 +159,9 @@ class RateLimiter:
 
             return await self.db.write(pg)
 
+        if self.db.inline_writer is not None:
+            return await self.db.inline_writer.write(lambda conn: self._take_sqlite(conn, client_id, now))
+
         async def sqlite(conn: Any) -> tuple[int, float]:
             row = (await conn.execute(select(iam_rate).where(iam_rate.c.client_id == client_id))).first()
             tokens = float(self.burst) if row is None else min(
@@ -164,3 +174,13 @@ class RateLimiter:
             return granted, tokens - granted
 
         return await self.db.write(sqlite)
+
+    def _take_sqlite(self, conn: sqlite3.Connection, client_id: str, now: float) -> tuple[int, float]:
+        """The SQLite update on the event loop's thread (Database.inline_writer): inside one
+        write transaction, so no other process reads the bucket between the read and the write."""
+        row = conn.execute(_SQLITE_BUCKET, (client_id,)).fetchone()
+        tokens = float(self.burst) if row is None else min(float(self.burst), row[0] + max(0.0, now - row[1]) * self.rate)
+        granted = min(self.lease, math.floor(tokens))
+        updated = max(now, row[1]) if row is not None else now
+        conn.execute(_SQLITE_TAKE, (client_id, tokens - granted, updated, granted))
+        return granted, tokens - granted

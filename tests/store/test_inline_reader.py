@@ -6,6 +6,7 @@ the event loop for long when the file is locked: it answers 503 instead.
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import time
 from pathlib import Path
@@ -118,3 +119,78 @@ def test_it_never_creates_a_database_of_its_own(tmp_path: Path) -> None:
     with pytest.raises(sqlite3.OperationalError, match="unable to open"):
         reader.fetch("SELECT 1")
     assert not missing.exists()
+
+
+# -- the inline writer (Database.inline_writer) ------------------------------------------
+
+
+async def _inline_db(tmp_path: Path, synchronous: str = "NORMAL") -> Database:
+    db = Database(f"sqlite+aiosqlite:///{tmp_path / 'hub.db'}", sqlite_synchronous=synchronous)
+    _writer(tmp_path / "hub.db", "WAL").close()  # the table t
+    return db
+
+
+@pytest.mark.parametrize(("synchronous", "inline"), [("OFF", True), ("NORMAL", True), ("FULL", False), ("EXTRA", False)])
+async def test_only_writes_that_do_not_wait_for_the_disk_run_inline(
+    tmp_path: Path, synchronous: str, inline: bool
+) -> None:
+    db = await _inline_db(tmp_path, synchronous)
+    try:
+        assert (db.inline_writer is not None) is inline
+    finally:
+        await db.close()
+
+
+async def test_an_inline_write_waits_for_another_writer_while_the_loop_goes_on(tmp_path: Path) -> None:
+    db = await _inline_db(tmp_path)
+    assert db.inline_writer is not None
+    other = _writer(tmp_path / "hub.db", "WAL")
+    other.execute("BEGIN IMMEDIATE")  # another process's write transaction
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    ticking = asyncio.create_task(ticker())
+    pending = asyncio.ensure_future(db.inline_writer.write(lambda c: c.execute("INSERT INTO t VALUES (7)").rowcount))
+    try:
+        await asyncio.sleep(0.3)
+        assert ticks >= 10 and not pending.done()
+        other.execute("COMMIT")
+        assert await asyncio.wait_for(pending, 5) == 1
+        assert [r["x"] for r in db.inline.fetch("SELECT x FROM t")] == [7]  # type: ignore[union-attr]
+    finally:
+        ticking.cancel()
+        other.close()
+        await db.close()
+
+
+async def test_an_inline_write_is_all_or_nothing_and_a_held_lock_answers_503(tmp_path: Path) -> None:
+    db = await _inline_db(tmp_path)
+    writer = db.inline_writer
+    assert writer is not None
+
+    def half(conn: sqlite3.Connection) -> None:
+        conn.execute("INSERT INTO t VALUES (1)")
+        raise ValueError("the second statement's input was bad")
+
+    with pytest.raises(ValueError, match="bad"):
+        await writer.write(half)
+    assert db.inline.fetch("SELECT x FROM t") == []  # type: ignore[union-attr]
+    other = _writer(tmp_path / "hub.db", "WAL")
+    other.execute("BEGIN IMMEDIATE")
+    writer.timeout_s = 0.2
+    try:
+        with pytest.raises(FHIRError) as busy:
+            async with asyncio.timeout(3):  # at its own timeout, not whenever the lock comes free
+                await writer.write(lambda c: c.execute("INSERT INTO t VALUES (2)"))
+        assert busy.value.status == 503 and busy.value.headers.get("Retry-After")
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    await writer.write(lambda c: c.execute("INSERT INTO t VALUES (3)"))  # a fresh connection
+    assert [r["x"] for r in db.inline.fetch("SELECT x FROM t")] == [3]  # type: ignore[union-attr]
+    await db.close()
