@@ -255,6 +255,10 @@ class InlineWriter:
         if self._conn is None:
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             configure_sqlite(conn, self.synchronous)
+            # No checkpoint in these commits: one copies the log into the database and syncs
+            # both files, milliseconds on the event loop. The hub's other connections (and
+            # the audit writer, every 250 records) checkpoint the same log.
+            conn.execute("PRAGMA wal_autocheckpoint=0")
             self._conn = conn
         return self._conn
 
