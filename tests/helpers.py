@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any, Self
 
 FHIR_JSON = {"Content-Type": "application/fhir+json"}
@@ -92,3 +95,21 @@ class RunningHub:
                 self.proc.wait()
         if self.proc and self.proc.stderr:
             self.proc.stderr.close()
+
+
+@asynccontextmanager
+async def loop_ticks(every: float = 0.01) -> AsyncIterator[list[int]]:
+    """Counts the event loop's turns of ``every`` seconds while open (in ``[0]``): a loop
+    held up by blocking work counts few."""
+    ticks = [0]
+
+    async def tick() -> None:
+        while True:
+            await asyncio.sleep(every)
+            ticks[0] += 1
+
+    task = asyncio.create_task(tick())
+    try:
+        yield ticks
+    finally:
+        task.cancel()

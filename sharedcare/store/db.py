@@ -131,7 +131,18 @@ def configure_sqlite(
 INLINE_BUSY_MS: Final = 50  # the longest an inline read waits for a locked SQLite file
 
 
-class InlineReader:
+class _OwnConnection:
+    """A ``sqlite3`` connection of this object's own, opened on first use."""
+
+    _conn: sqlite3.Connection | None = None
+
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+
+class InlineReader(_OwnConnection):
     """SQLite only: one read statement run in the calling thread, on a connection of its own.
 
     Through SQLAlchemy and aiosqlite, every read on SQLite is a checkout, a BEGIN, the
@@ -175,11 +186,6 @@ class InlineReader:
             self._conn = conn
         return self._conn
 
-    def close(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            conn.close()
-
 
 LOCK_RETRY_S: Final = 0.001  # how soon an inline write tries a taken write lock again
 
@@ -214,7 +220,7 @@ async def begin_inline(conn: sqlite3.Connection, timeout_s: float = BUSY_TIMEOUT
         await asyncio.sleep(LOCK_RETRY_S)
 
 
-class InlineWriter:
+class InlineWriter(_OwnConnection):
     """SQLite only: short write transactions run on the event loop's own thread.
 
     A write through SQLAlchemy and aiosqlite takes the write lock at its BEGIN and gives it
@@ -261,11 +267,6 @@ class InlineWriter:
             conn.execute("PRAGMA wal_autocheckpoint=0")
             self._conn = conn
         return self._conn
-
-    def close(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            conn.close()
 
 
 class Database:

@@ -13,6 +13,7 @@ from typing import Any
 
 import orjson
 import pytest
+from helpers import loop_ticks
 from prometheus_client import REGISTRY
 from sqlalchemy import func, select, text
 
@@ -551,19 +552,11 @@ async def test_a_flush_waits_for_another_writer_while_the_event_loop_goes_on(
     await writer.record(make_record())  # the connections are open
     holder = sqlite3.connect(sqlite_path(db.url), isolation_level=None)
     holder.execute("BEGIN IMMEDIATE")
-    ticks = 0
-
-    async def ticker() -> None:
-        nonlocal ticks
-        while True:
-            await asyncio.sleep(0.01)
-            ticks += 1
-
-    ticking = asyncio.create_task(ticker())
     pending = asyncio.ensure_future(writer.record(make_record(request_id="behind-the-lock")))
     try:
-        await asyncio.sleep(min(held_s, 0.5))
-        assert ticks >= 10  # the loop went on (about 30-50 ticks in that time)
+        async with loop_ticks() as ticks:
+            await asyncio.sleep(min(held_s, 0.5))
+        assert ticks[0] >= 10  # the loop went on (about 30-50 ticks in that time)
         if held_s < 0.6:
             assert not pending.done()  # not committed while the lock is held
             holder.execute("ROLLBACK")
@@ -576,7 +569,6 @@ async def test_a_flush_waits_for_another_writer_while_the_event_loop_goes_on(
             holder.execute("ROLLBACK")
             await writer.record(make_record())  # the writer recovers once the lock is free
     finally:
-        ticking.cancel()
         if holder.in_transaction:
             holder.execute("ROLLBACK")
         holder.close()

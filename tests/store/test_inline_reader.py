@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import loop_ticks
 
 from sharedcare.fhir.errors import FHIRError
 from sharedcare.store.db import INLINE_BUSY_MS, Database, InlineReader, sqlite_path
@@ -146,24 +147,15 @@ async def test_an_inline_write_waits_for_another_writer_while_the_loop_goes_on(t
     assert db.inline_writer is not None
     other = _writer(tmp_path / "hub.db", "WAL")
     other.execute("BEGIN IMMEDIATE")  # another process's write transaction
-    ticks = 0
-
-    async def ticker() -> None:
-        nonlocal ticks
-        while True:
-            await asyncio.sleep(0.01)
-            ticks += 1
-
-    ticking = asyncio.create_task(ticker())
     pending = asyncio.ensure_future(db.inline_writer.write(lambda c: c.execute("INSERT INTO t VALUES (7)").rowcount))
     try:
-        await asyncio.sleep(0.3)
-        assert ticks >= 10 and not pending.done()
+        async with loop_ticks() as ticks:
+            await asyncio.sleep(0.3)
+        assert ticks[0] >= 10 and not pending.done()
         other.execute("COMMIT")
         assert await asyncio.wait_for(pending, 5) == 1
         assert [r["x"] for r in db.inline.fetch("SELECT x FROM t")] == [7]  # type: ignore[union-attr]
     finally:
-        ticking.cancel()
         other.close()
         await db.close()
 
