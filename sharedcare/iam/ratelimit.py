@@ -9,7 +9,7 @@ across all processes, while a busy client costs one write per lease, not per req
 A busy client's next lease is taken in the background once the current one has a quarter
 of its tokens or of its time left (tokens still held carry over). Its requests then never
 wait for that write: they did, all of them in the process, once a second, behind the SQLite
-write lock (up to 17 ms of a federated query's internal round trip, bench/sync_query.py).
+write lock (up to 18 ms of a federated query's internal round trip, bench/sync_query.py).
 A request that finds no lease at all (a client's first, or after a pause) still waits.
 
 The update is atomic on both databases: on PostgreSQL one ``INSERT ... ON CONFLICT DO
