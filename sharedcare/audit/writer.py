@@ -120,8 +120,9 @@ class _SqliteConnection:
     With ``synchronous`` OFF or NORMAL (the default) a commit does not wait for the disk,
     and the transaction runs on the event loop's own thread. It takes the write lock
     without waiting: when another writer holds it, the flush tries again every
-    :data:`~sharedcare.store.db.LOCK_RETRY_S` while the loop goes on, for up to :data:`BUSY_TIMEOUT_S`. It used to
-    run on a thread of its own, and under load each of its handoffs of the interpreter's
+    :data:`~sharedcare.store.db.LOCK_RETRY_S` while the loop goes on, for up to
+    :data:`BUSY_TIMEOUT_S`. It used to run on a thread of its own, and under load each of
+    its handoffs of the interpreter's
     lock waited for the busy event loop (up to its 5 ms switch interval), while it held
     SQLite's write lock; the other hub processes' writers then slept in SQLite's busy
     handler (1, 2, 5, 10 ms...). On a federated query at half of saturation, that wait was

@@ -227,10 +227,12 @@ async def claim(
 ) -> list[Item]:
     """Lease up to ``limit`` ready items of ``queue``, oldest first.
 
-    The write transaction is only opened when :func:`claimable` finds something.
+    On SQLite the write transaction (which takes the file's single write lock) is only
+    opened when :func:`claimable` finds something. PostgreSQL locks rows, not the database,
+    and a read first would only add a round trip to every claim that finds work.
     """
     now = now_utc()
-    if not await claimable(db, queue, now):
+    if db.inline is not None and not await claimable(db, queue, now):
         return []
     q = queue_items.c
     candidates = select(q.id).where(_claimable(queue, now)).order_by(q.id).limit(limit)

@@ -64,12 +64,13 @@ _ROWS_ATTR = {
 }
 
 _PG_READ = "SELECT version, last_updated, deleted, body FROM resources WHERE type = $1 AND id = $2"
-# Store.by_token and Store.bodies, in SQLite's (?) or PostgreSQL's ($n) placeholders.
+# Store.by_token and Store.bodies; the {} take SQLite's (?) or PostgreSQL's ($n) parameter markers.
 _BY_TOKEN = (
     "SELECT body FROM resources WHERE type = {} AND NOT deleted AND rid IN ("
     "SELECT rid FROM idx_token WHERE type = {} AND param = {} AND code = {} AND system = {}) "
     "ORDER BY rid LIMIT {}"
 )
+_BY_TOKEN_SQLITE = _BY_TOKEN.format(*"??????")
 _BY_TOKEN_PG = _BY_TOKEN.format(*(f"${n}" for n in range(1, 7)))
 _BODIES = "SELECT id, body FROM resources WHERE type = {} AND NOT deleted AND {}"
 
@@ -467,7 +468,7 @@ class Store:
         """
         params = (rtype, rtype, param, code, system, limit)
         if self.db.inline is not None:
-            return [row[0] for row in self.db.inline.fetch(_BY_TOKEN.format(*"??????"), params)]
+            return [row[0] for row in self.db.inline.fetch(_BY_TOKEN_SQLITE, params)]
         async with self.db.driver() as driver:
             return [row[0] for row in await driver.fetch(_BY_TOKEN_PG, *params)]
 
